@@ -1,0 +1,86 @@
+"""Start the auth service: `python -m services.auth`."""
+
+from dataclasses import dataclass
+
+from arxio.auth.v1 import keys_pb2_grpc, operator_pb2_grpc
+from arxio.internal.v1 import accounts_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2_grpc
+
+from services.auth.admin import AccountServicer, KeyServicer, OperatorServicer
+from services.auth.authorization import AuthorizationServicer
+from services.auth.decision import AuthDecider
+from services.auth.store import AuthStore
+from services.common import db
+from services.common.config import ConfigError, Environment, ServerConfig
+from services.common.server import Registration, run_service, serve
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    server: ServerConfig
+    database_url: str
+    # SHA-256 of the operator credential; the token itself is not needed.
+    operator_token_sha256: bytes
+    # Client certificate names allowed to call the internal account API.
+    account_peers: frozenset[str]
+
+    @classmethod
+    def from_env(cls, env: Environment) -> "AuthConfig":
+        digest = env.text("ARXIO_OPERATOR_TOKEN_SHA256")
+        try:
+            operator_digest = bytes.fromhex(digest)
+        except ValueError:
+            operator_digest = b""
+        if len(operator_digest) != 32:
+            raise ConfigError(
+                "ARXIO_OPERATOR_TOKEN_SHA256 is invalid: expected the "
+                "64-character hex SHA-256 of the operator token"
+            )
+
+        return cls(
+            server=ServerConfig.from_env(env, default_port=50051),
+            database_url=env.text("DATABASE_URL"),
+            operator_token_sha256=operator_digest,
+            account_peers=env.names("ARXIO_ACCOUNT_PEERS", "billing"),
+        )
+
+
+async def main() -> None:
+    config = AuthConfig.from_env(Environment())
+    engine = db.create_engine(config.database_url)
+    store = AuthStore(db.session_factory(engine))
+    decider = AuthDecider(store, config.operator_token_sha256)
+    registrations = [
+        Registration(
+            external_auth_pb2_grpc.add_AuthorizationServicer_to_server,
+            AuthorizationServicer(decider),
+            "envoy.service.auth.v3.Authorization",
+        ),
+        Registration(
+            keys_pb2_grpc.add_KeyServiceServicer_to_server,
+            KeyServicer(store),
+            "arxio.auth.v1.KeyService",
+        ),
+        Registration(
+            operator_pb2_grpc.add_OperatorServiceServicer_to_server,
+            OperatorServicer(store),
+            "arxio.auth.v1.OperatorService",
+        ),
+        Registration(
+            accounts_pb2_grpc.add_AccountServiceServicer_to_server,
+            AccountServicer(store),
+            "arxio.internal.v1.AccountService",
+            allowed_peers=config.account_peers,
+        ),
+    ]
+    await serve(
+        "auth",
+        config.server,
+        registrations,
+        check_ready=lambda: db.database_reachable(engine),
+        on_stop=engine.dispose,
+    )
+
+
+if __name__ == "__main__":
+    run_service("auth", main)

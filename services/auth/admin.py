@@ -1,0 +1,362 @@
+"""Key management for an organization, operator administration, and the
+internal account API that the billing service calls."""
+
+import datetime
+import uuid
+
+import grpc
+from arxio.auth.v1 import (
+    keys_pb2,
+    keys_pb2_grpc,
+    operator_pb2,
+    operator_pb2_grpc,
+    organization_pb2,
+)
+from arxio.internal.v1 import accounts_pb2, accounts_pb2_grpc
+from google.protobuf import timestamp_pb2
+
+from services.auth import keys
+from services.auth.decision import PRINCIPAL_HEADER
+from services.auth.store import AuthStore, KeyRow, OrganizationRow
+from services.common import pagination
+from services.common.errors import FieldViolation, abort, abort_invalid
+from services.common.identity import (
+    SCOPES_HEADER,
+    caller_org_id,
+    metadata_value,
+)
+from services.common.plans import plan_name, plan_value
+
+Scope = keys_pb2.ApiKey.Scope
+ALL_SCOPES = tuple(
+    name for name in Scope.keys() if name != "SCOPE_UNSPECIFIED"
+)
+DEFAULT_GRACE = datetime.timedelta(hours=24)
+MAX_NAME_LENGTH = 200
+
+
+def _timestamp(value: datetime.datetime | None) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    if value is not None:
+        stamp.FromDatetime(value)
+
+    return stamp
+
+
+def organization_message(
+    row: OrganizationRow,
+) -> organization_pb2.Organization:
+    return organization_pb2.Organization(
+        org_id=row.org_id,
+        name=row.name,
+        plan=plan_value(row.plan),
+        state=organization_pb2.Organization.State.Value(row.state.upper()),
+        create_time=_timestamp(row.create_time),
+    )
+
+
+def key_message(row: KeyRow) -> keys_pb2.ApiKey:
+    now = datetime.datetime.now(datetime.UTC)
+    state = keys_pb2.ApiKey.ACTIVE
+    if row.revoke_time is not None:
+        state = keys_pb2.ApiKey.REVOKED
+    elif row.expire_time is not None and row.expire_time <= now:
+        state = keys_pb2.ApiKey.EXPIRED
+    elif row.expire_time is not None:
+        state = keys_pb2.ApiKey.EXPIRING
+    message = keys_pb2.ApiKey(
+        key_id=row.key_id,
+        org_id=row.org_id,
+        name=row.name,
+        scopes=[Scope.Value(name) for name in row.scopes],
+        state=state,
+        create_time=_timestamp(row.create_time),
+    )
+    if row.expire_time is not None:
+        message.expire_time.CopyFrom(_timestamp(row.expire_time))
+    if row.revoke_time is not None:
+        message.revoke_time.CopyFrom(_timestamp(row.revoke_time))
+
+    return message
+
+
+def _name_violations(name: str, field: str) -> list[FieldViolation]:
+    if len(name) > MAX_NAME_LENGTH:
+        return [FieldViolation(field, f"at most {MAX_NAME_LENGTH} characters")]
+
+    return []
+
+
+def _valid_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+
+    return True
+
+
+async def _page_size(context, requested: int) -> int:
+    try:
+        return pagination.page_size(requested)
+    except ValueError as error:
+        await abort_invalid(context, [FieldViolation("pageSize", str(error))])
+
+
+async def _page_after(context, token: str):
+    try:
+        return pagination.decode_token(token)
+    except pagination.InvalidPageToken as error:
+        await abort_invalid(context, [FieldViolation("pageToken", str(error))])
+
+
+async def issue_key(
+    store: AuthStore,
+    org_id: str,
+    name: str,
+    scopes: list[str],
+    expire_time: datetime.datetime | None = None,
+) -> keys_pb2.CreateKeyResponse:
+    """Create a key; the response is the only place its secret appears."""
+    secret = keys.generate_key()
+    row = await store.insert_key(
+        keys.new_key_id(),
+        org_id,
+        name,
+        keys.key_hash(secret),
+        scopes,
+        expire_time,
+    )
+
+    return keys_pb2.CreateKeyResponse(key=key_message(row), api_key=secret)
+
+
+class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
+    """Keys of the caller's own organization; the org comes from auth."""
+
+    def __init__(self, store: AuthStore) -> None:
+        self._store = store
+
+    async def _caller(self, context) -> tuple[str, frozenset[str]]:
+        org_id = caller_org_id(context)
+        if not _valid_uuid(org_id):
+            await abort(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "no organization on the request: call through the edge",
+            )
+        scopes = frozenset(metadata_value(context, SCOPES_HEADER).split(","))
+
+        return org_id, scopes
+
+    async def CreateKey(self, request, context):
+        org_id, caller_scopes = await self._caller(context)
+        violations = _name_violations(request.name, "name")
+        requested = [Scope.Name(scope) for scope in request.scopes]
+        if "SCOPE_UNSPECIFIED" in requested:
+            violations.append(
+                FieldViolation("scopes", "SCOPE_UNSPECIFIED is not a scope")
+            )
+        beyond = sorted(set(requested) - caller_scopes)
+        if beyond:
+            violations.append(
+                FieldViolation(
+                    "scopes",
+                    "a key can only grant scopes it has itself; the calling "
+                    f"key lacks {', '.join(beyond)}",
+                )
+            )
+        expire_time = None
+        if request.HasField("expire_time"):
+            expire_time = request.expire_time.ToDatetime(datetime.UTC)
+            if expire_time <= datetime.datetime.now(datetime.UTC):
+                violations.append(
+                    FieldViolation("expireTime", "must be in the future")
+                )
+        if violations:
+            await abort_invalid(context, violations)
+        scopes = sorted(set(requested) or (caller_scopes & set(ALL_SCOPES)))
+
+        return await issue_key(
+            self._store, org_id, request.name, scopes, expire_time
+        )
+
+    async def ListKeys(self, request, context):
+        org_id, _ = await self._caller(context)
+        size = await _page_size(context, request.page_size)
+        after = await _page_after(context, request.page_token)
+        rows = await self._store.list_keys(org_id, size + 1, after)
+        response = keys_pb2.ListKeysResponse(
+            keys=[key_message(row) for row in rows[:size]]
+        )
+        if len(rows) > size:
+            last = rows[size - 1]
+            response.next_page_token = pagination.encode_token(
+                last.create_time, last.key_id
+            )
+
+        return response
+
+    async def RotateKey(self, request, context):
+        org_id, _ = await self._caller(context)
+        old = await self._store.get_key(org_id, request.key_id)
+        if old is None or old.revoke_time is not None:
+            await abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"key {request.key_id!r} not found in this organization",
+            )
+        grace = DEFAULT_GRACE
+        if request.HasField("grace_period"):
+            grace = request.grace_period.ToTimedelta()
+            if grace < datetime.timedelta(0):
+                await abort_invalid(
+                    context,
+                    [FieldViolation("gracePeriod", "must not be negative")],
+                )
+        # The new key exists before the old one stops: no downtime.
+        created = await issue_key(
+            self._store, org_id, old.name, list(old.scopes), old.expire_time
+        )
+        await self._store.expire_key(
+            org_id, old.key_id, datetime.datetime.now(datetime.UTC) + grace
+        )
+
+        return created
+
+    async def RevokeKey(self, request, context):
+        org_id, _ = await self._caller(context)
+        row = await self._store.revoke_key(org_id, request.key_id)
+        if row is None:
+            await abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"key {request.key_id!r} not found in this organization",
+            )
+
+        return key_message(row)
+
+
+class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
+    """Organization administration with the operator credential."""
+
+    def __init__(self, store: AuthStore) -> None:
+        self._store = store
+
+    async def _require_operator(self, context) -> None:
+        # The edge sets this only after checking the operator token.
+        if metadata_value(context, PRINCIPAL_HEADER) != "operator":
+            await abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                "operator credential required",
+            )
+
+    async def CreateOrganization(self, request, context):
+        await self._require_operator(context)
+        violations = _name_violations(request.name, "name")
+        if not request.name.strip():
+            violations.append(FieldViolation("name", "must not be empty"))
+        if request.plan == organization_pb2.Organization.PLAN_UNSPECIFIED:
+            violations.append(
+                FieldViolation("plan", "missing: use FREE, PRO or ENTERPRISE")
+            )
+        if violations:
+            await abort_invalid(context, violations)
+        row = await self._store.create_organization(
+            request.name.strip(), plan_name(request.plan)
+        )
+
+        return organization_message(row)
+
+    async def ListOrganizations(self, request, context):
+        await self._require_operator(context)
+        size = await _page_size(context, request.page_size)
+        after = await _page_after(context, request.page_token)
+        rows = await self._store.list_organizations(size + 1, after)
+        response = operator_pb2.ListOrganizationsResponse(
+            organizations=[organization_message(row) for row in rows[:size]]
+        )
+        if len(rows) > size:
+            last = rows[size - 1]
+            response.next_page_token = pagination.encode_token(
+                last.create_time, last.org_id
+            )
+
+        return response
+
+    async def CreateOrganizationKey(self, request, context):
+        await self._require_operator(context)
+        violations = _name_violations(request.name, "name")
+        if not _valid_uuid(request.org_id):
+            violations.append(FieldViolation("orgId", "must be a UUID"))
+        scopes = sorted({Scope.Name(scope) for scope in request.scopes})
+        if "SCOPE_UNSPECIFIED" in scopes:
+            violations.append(
+                FieldViolation("scopes", "SCOPE_UNSPECIFIED is not a scope")
+            )
+        if violations:
+            await abort_invalid(context, violations)
+        if await self._store.get_organization(request.org_id) is None:
+            await abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"organization {request.org_id} not found",
+            )
+
+        return await issue_key(
+            self._store,
+            request.org_id,
+            request.name,
+            scopes or list(ALL_SCOPES),
+        )
+
+
+def _parse_day(value: str, field: str) -> datetime.date:
+    try:
+        return datetime.date.fromisoformat(value)
+    except ValueError:
+        raise ValueError(
+            f"{field} {value!r} is not a YYYY-MM-DD date"
+        ) from None
+
+
+class AccountServicer(accounts_pb2_grpc.AccountServiceServicer):
+    """Organizations and usage for other services; never routed by the edge."""
+
+    def __init__(self, store: AuthStore) -> None:
+        self._store = store
+
+    async def GetOrganization(self, request, context):
+        row = None
+        if _valid_uuid(request.org_id):
+            row = await self._store.get_organization(request.org_id)
+        if row is None:
+            await abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"organization {request.org_id!r} not found",
+            )
+
+        return organization_message(row)
+
+    async def ListDailyUsage(self, request, context):
+        if not _valid_uuid(request.org_id):
+            await abort_invalid(
+                context, [FieldViolation("orgId", "must be a UUID")]
+            )
+        try:
+            start = _parse_day(request.start_date, "startDate")
+            end = _parse_day(request.end_date, "endDate")
+        except ValueError as error:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        rows = await self._store.list_daily_usage(request.org_id, start, end)
+
+        return accounts_pb2.ListDailyUsageResponse(
+            days=[
+                accounts_pb2.DailyRequestCount(
+                    date=day.isoformat(), request_count=count
+                )
+                for day, count in rows
+            ]
+        )

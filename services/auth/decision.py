@@ -1,0 +1,250 @@
+"""The auth decision Envoy asks for on every request (ext_authz).
+
+Order of checks: the RPC must exist; operator methods need the operator
+token; every other method needs a well-formed, known, unexpired key of an
+active organization with the method's scope; then the organization's daily
+quota is counted. Requests rejected before the key is known count for no
+organization.
+"""
+
+import datetime
+import hashlib
+import json
+import secrets
+from dataclasses import dataclass, field
+
+import grpc
+import structlog
+
+from services.auth import keys
+from services.auth.store import AuthStore, Credential
+from services.common import methods
+from services.common.errors import HTTP_STATUS_OF_CODE
+from services.common.identity import (
+    KEY_ID_HEADER,
+    ORG_ID_HEADER,
+    SCOPES_HEADER,
+)
+from services.common.plans import plan_limits
+
+log = structlog.get_logger()
+
+PRINCIPAL_HEADER = "x-arxio-principal"
+API_KEY_HEADER = "x-api-key"
+AUTHORIZATION_HEADER = "authorization"
+# Headers the auth decision owns: a client's own values never pass.
+IDENTITY_HEADERS = (
+    ORG_ID_HEADER,
+    KEY_ID_HEADER,
+    SCOPES_HEADER,
+    PRINCIPAL_HEADER,
+)
+
+
+@dataclass
+class Decision:
+    """Outcome of one check, independent of Envoy's message types."""
+
+    allowed: bool
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    message: str = ""
+    # Headers set on the request towards the service (allowed only).
+    upstream_headers: dict[str, str] = field(default_factory=dict)
+    # Headers added to the response to the client.
+    response_headers: dict[str, str] = field(default_factory=dict)
+    # What the audit trail records of the decision.
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def http_status(self) -> int:
+        return HTTP_STATUS_OF_CODE[self.code.value[0]]
+
+
+@dataclass(frozen=True)
+class RequestFacts:
+    """What the decision reads of an incoming request."""
+
+    http_method: str
+    path: str
+    headers: dict[str, str]
+    request_id: str
+
+
+def next_utc_midnight(now: datetime.datetime) -> datetime.datetime:
+    tomorrow = now.date() + datetime.timedelta(days=1)
+
+    return datetime.datetime.combine(
+        tomorrow, datetime.time(), tzinfo=datetime.UTC
+    )
+
+
+def _rate_limit_headers(
+    limit: int | None, used: int, reset: datetime.datetime
+) -> dict[str, str]:
+    if limit is None:
+        return {
+            "x-ratelimit-limit": "unlimited",
+            "x-ratelimit-remaining": "unlimited",
+            "x-ratelimit-reset": str(int(reset.timestamp())),
+        }
+
+    return {
+        "x-ratelimit-limit": str(limit),
+        "x-ratelimit-remaining": str(max(limit - used, 0)),
+        "x-ratelimit-reset": str(int(reset.timestamp())),
+    }
+
+
+def _deny(code: grpc.StatusCode, message: str, **metadata: str) -> Decision:
+    return Decision(False, code, message, metadata=metadata)
+
+
+class AuthDecider:
+    def __init__(
+        self,
+        store: AuthStore,
+        operator_token_sha256: bytes,
+        clock=lambda: datetime.datetime.now(datetime.UTC),
+    ) -> None:
+        self._store = store
+        self._operator_token_sha256 = operator_token_sha256
+        self._clock = clock
+
+    async def decide(self, facts: RequestFacts) -> Decision:
+        method = methods.find_method(facts.http_method, facts.path)
+        if method is None:
+            return _deny(
+                grpc.StatusCode.NOT_FOUND,
+                f"no API method at {facts.http_method} "
+                f"{facts.path.split('?', 1)[0]}: see the API reference",
+            )
+        audit = {
+            "action": method.action,
+            "resource_type": method.resource_type,
+        }
+        if method.authentication == methods.Authentication.OPERATOR:
+            return self._decide_operator(facts, audit)
+
+        return await self._decide_key(facts, method, audit)
+
+    def _decide_operator(self, facts: RequestFacts, audit: dict) -> Decision:
+        header = facts.headers.get(AUTHORIZATION_HEADER, "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return _deny(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing operator credential: send it as "
+                "'Authorization: Bearer <token>'",
+                **audit,
+            )
+        digest = hashlib.sha256(token.strip().encode()).digest()
+        if not secrets.compare_digest(digest, self._operator_token_sha256):
+            return _deny(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "invalid operator credential",
+                **audit,
+            )
+
+        return Decision(
+            True,
+            upstream_headers={PRINCIPAL_HEADER: "operator"},
+            metadata={**audit, "principal": "operator"},
+        )
+
+    async def _decide_key(
+        self, facts: RequestFacts, method: methods.Method, audit: dict
+    ) -> Decision:
+        presented = facts.headers.get(API_KEY_HEADER, "").strip()
+        if not presented:
+            return _deny(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing API key: send it in the X-API-Key header",
+                **audit,
+            )
+        if not keys.is_well_formed(presented):
+            return _deny(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "invalid API key: check that it was copied whole",
+                **audit,
+            )
+        credential = await self._store.find_credential(
+            keys.key_hash(presented)
+        )
+        if credential is None:
+            return _deny(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "invalid API key: it is unknown, revoked or expired",
+                **audit,
+            )
+        identity = {
+            **audit,
+            "org_id": credential.org_id,
+            "key_id": credential.key_id,
+        }
+        if credential.org_state != "active":
+            return _deny(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"organization {credential.org_id} is suspended: "
+                "contact the operator of this deployment",
+                **identity,
+            )
+        if method.scope not in credential.scopes:
+            return _deny(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"API key {credential.key_id} lacks the scope "
+                f"{method.scope} that {method.action} needs",
+                **identity,
+            )
+
+        return await self._count(credential, identity)
+
+    async def _count(self, credential: Credential, identity: dict) -> Decision:
+        now = self._clock()
+        reset = next_utc_midnight(now)
+        limit = plan_limits()[credential.plan].daily_request_limit
+        used = await self._store.count_request(
+            credential.org_id, now.date(), limit
+        )
+        if used is None:
+            decision = _deny(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"daily request limit of {limit} reached for organization "
+                f"{credential.org_id}: retry after 00:00 UTC or upgrade "
+                "the plan",
+                **identity,
+            )
+            decision.response_headers = _rate_limit_headers(
+                limit, limit, reset
+            )
+            retry_after = max(int((reset - now).total_seconds()) + 1, 1)
+            decision.response_headers["retry-after"] = str(retry_after)
+
+            return decision
+
+        return Decision(
+            True,
+            upstream_headers={
+                ORG_ID_HEADER: credential.org_id,
+                KEY_ID_HEADER: credential.key_id,
+                SCOPES_HEADER: ",".join(sorted(credential.scopes)),
+                PRINCIPAL_HEADER: "api_key",
+            },
+            response_headers=_rate_limit_headers(limit, used, reset),
+            metadata=identity,
+        )
+
+
+def error_body(code: grpc.StatusCode, message: str, request_id: str) -> str:
+    """Render a denial as the JSON form of `google.rpc.Status`."""
+    details = []
+    if request_id:
+        details.append(
+            {
+                "@type": "type.googleapis.com/google.rpc.RequestInfo",
+                "requestId": request_id,
+            }
+        )
+
+    return json.dumps(
+        {"code": code.value[0], "message": message, "details": details}
+    )

@@ -1,0 +1,284 @@
+"""Queries of the auth schema: organizations, API keys, daily usage."""
+
+import datetime
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+# Stands for "unlimited" in the quota statement, so it needs no branch.
+_NO_LIMIT = 2**62
+
+
+@dataclass(frozen=True)
+class OrganizationRow:
+    org_id: str
+    name: str
+    plan: str
+    state: str
+    create_time: datetime.datetime
+
+
+@dataclass(frozen=True)
+class KeyRow:
+    key_id: str
+    org_id: str
+    name: str
+    scopes: tuple[str, ...]
+    create_time: datetime.datetime
+    expire_time: datetime.datetime | None
+    revoke_time: datetime.datetime | None
+
+
+@dataclass(frozen=True)
+class Credential:
+    """A key found by its hash, with what the auth decision needs."""
+
+    key_id: str
+    org_id: str
+    scopes: frozenset[str]
+    plan: str
+    org_state: str
+
+
+_ORG_COLUMNS = "org_id::text, name, plan, state, create_time"
+_KEY_COLUMNS = (
+    "key_id, org_id::text, name, scopes, create_time, expire_time, revoke_time"
+)
+
+
+def _key_row(row) -> KeyRow:
+    return KeyRow(
+        key_id=row[0],
+        org_id=row[1],
+        name=row[2],
+        scopes=tuple(row[3]),
+        create_time=row[4],
+        expire_time=row[5],
+        revoke_time=row[6],
+    )
+
+
+class AuthStore:
+    def __init__(self, sessions: async_sessionmaker) -> None:
+        self._sessions = sessions
+
+    async def find_credential(self, digest: bytes) -> Credential | None:
+        """Find a usable key by its SHA-256 hash: not revoked or expired."""
+        async with self._sessions() as session:
+            row = (
+                await session.execute(
+                    text(
+                        "SELECT k.key_id, k.org_id::text, k.scopes, o.plan,"
+                        " o.state FROM auth.api_keys k"
+                        " JOIN auth.organizations o USING (org_id)"
+                        " WHERE k.key_sha256 = :digest"
+                        " AND k.revoke_time IS NULL"
+                        " AND (k.expire_time IS NULL OR k.expire_time > now())"
+                    ),
+                    {"digest": digest},
+                )
+            ).first()
+        if row is None:
+            return None
+
+        return Credential(row[0], row[1], frozenset(row[2]), row[3], row[4])
+
+    async def count_request(
+        self, org_id: str, day: datetime.date, limit: int | None
+    ) -> int | None:
+        """Count one request against the day's quota.
+
+        Return the new count, or None when the organization is already at
+        `limit`, in which case nothing is counted. One statement, so
+        concurrent replicas cannot overshoot the limit.
+        """
+        async with self._sessions.begin() as session:
+            row = (
+                await session.execute(
+                    text(
+                        "INSERT INTO auth.daily_usage"
+                        " (org_id, day, request_count)"
+                        " VALUES (:org_id, :day, 1)"
+                        " ON CONFLICT (org_id, day) DO UPDATE"
+                        " SET request_count = daily_usage.request_count + 1"
+                        " WHERE daily_usage.request_count < :limit"
+                        " RETURNING request_count"
+                    ),
+                    {
+                        "org_id": org_id,
+                        "day": day,
+                        "limit": _NO_LIMIT if limit is None else limit,
+                    },
+                )
+            ).first()
+
+        return None if row is None else row[0]
+
+    async def create_organization(
+        self, name: str, plan: str
+    ) -> OrganizationRow:
+        async with self._sessions.begin() as session:
+            row = (
+                await session.execute(
+                    text(
+                        "INSERT INTO auth.organizations (org_id, name, plan)"
+                        " VALUES (:org_id, :name, :plan)"
+                        f" RETURNING {_ORG_COLUMNS}"
+                    ),
+                    {"org_id": uuid.uuid4(), "name": name, "plan": plan},
+                )
+            ).one()
+
+        return OrganizationRow(*row)
+
+    async def get_organization(self, org_id: str) -> OrganizationRow | None:
+        async with self._sessions() as session:
+            row = (
+                await session.execute(
+                    text(
+                        f"SELECT {_ORG_COLUMNS} FROM auth.organizations"
+                        " WHERE org_id = :org_id"
+                    ),
+                    {"org_id": org_id},
+                )
+            ).first()
+
+        return None if row is None else OrganizationRow(*row)
+
+    async def list_organizations(
+        self, limit: int, after: tuple[datetime.datetime, str] | None
+    ) -> list[OrganizationRow]:
+        where = ""
+        parameters: dict = {"limit": limit}
+        if after is not None:
+            where = " WHERE (create_time, org_id) > (:time, :after_id)"
+            parameters |= {"time": after[0], "after_id": after[1]}
+        async with self._sessions() as session:
+            rows = await session.execute(
+                text(
+                    f"SELECT {_ORG_COLUMNS} FROM auth.organizations{where}"
+                    " ORDER BY create_time, org_id LIMIT :limit"
+                ),
+                parameters,
+            )
+
+            return [OrganizationRow(*row) for row in rows]
+
+    async def insert_key(
+        self,
+        key_id: str,
+        org_id: str,
+        name: str,
+        digest: bytes,
+        scopes: list[str],
+        expire_time: datetime.datetime | None,
+    ) -> KeyRow:
+        async with self._sessions.begin() as session:
+            row = (
+                await session.execute(
+                    text(
+                        "INSERT INTO auth.api_keys (key_id, org_id, name,"
+                        " key_sha256, scopes, expire_time) VALUES (:key_id,"
+                        " :org_id, :name, :digest, :scopes, :expire_time)"
+                        f" RETURNING {_KEY_COLUMNS}"
+                    ),
+                    {
+                        "key_id": key_id,
+                        "org_id": org_id,
+                        "name": name,
+                        "digest": digest,
+                        "scopes": scopes,
+                        "expire_time": expire_time,
+                    },
+                )
+            ).one()
+
+        return _key_row(row)
+
+    async def list_keys(
+        self,
+        org_id: str,
+        limit: int,
+        after: tuple[datetime.datetime, str] | None,
+    ) -> list[KeyRow]:
+        where = "org_id = :org_id"
+        parameters: dict = {"org_id": org_id, "limit": limit}
+        if after is not None:
+            where += " AND (create_time, key_id) > (:time, :after_id)"
+            parameters |= {"time": after[0], "after_id": after[1]}
+        async with self._sessions() as session:
+            rows = await session.execute(
+                text(
+                    f"SELECT {_KEY_COLUMNS} FROM auth.api_keys WHERE {where}"
+                    " ORDER BY create_time, key_id LIMIT :limit"
+                ),
+                parameters,
+            )
+
+            return [_key_row(row) for row in rows]
+
+    async def get_key(self, org_id: str, key_id: str) -> KeyRow | None:
+        async with self._sessions() as session:
+            row = (
+                await session.execute(
+                    text(
+                        f"SELECT {_KEY_COLUMNS} FROM auth.api_keys"
+                        " WHERE org_id = :org_id AND key_id = :key_id"
+                    ),
+                    {"org_id": org_id, "key_id": key_id},
+                )
+            ).first()
+
+        return None if row is None else _key_row(row)
+
+    async def expire_key(
+        self, org_id: str, key_id: str, expire_time: datetime.datetime
+    ) -> KeyRow | None:
+        """Bring a key's expiry forward to `expire_time`, never later."""
+        async with self._sessions.begin() as session:
+            row = (
+                await session.execute(
+                    text(
+                        "UPDATE auth.api_keys SET expire_time ="
+                        " LEAST(COALESCE(expire_time, :time), :time)"
+                        " WHERE org_id = :org_id AND key_id = :key_id"
+                        f" AND revoke_time IS NULL RETURNING {_KEY_COLUMNS}"
+                    ),
+                    {"org_id": org_id, "key_id": key_id, "time": expire_time},
+                )
+            ).first()
+
+        return None if row is None else _key_row(row)
+
+    async def revoke_key(self, org_id: str, key_id: str) -> KeyRow | None:
+        async with self._sessions.begin() as session:
+            row = (
+                await session.execute(
+                    text(
+                        "UPDATE auth.api_keys"
+                        " SET revoke_time = COALESCE(revoke_time, now())"
+                        " WHERE org_id = :org_id AND key_id = :key_id"
+                        f" RETURNING {_KEY_COLUMNS}"
+                    ),
+                    {"org_id": org_id, "key_id": key_id},
+                )
+            ).first()
+
+        return None if row is None else _key_row(row)
+
+    async def list_daily_usage(
+        self, org_id: str, start: datetime.date, end: datetime.date
+    ) -> list[tuple[datetime.date, int]]:
+        async with self._sessions() as session:
+            rows = await session.execute(
+                text(
+                    "SELECT day, request_count FROM auth.daily_usage"
+                    " WHERE org_id = :org_id AND day BETWEEN :start AND :end"
+                    " ORDER BY day"
+                ),
+                {"org_id": org_id, "start": start, "end": end},
+            )
+
+            return [(row[0], row[1]) for row in rows]

@@ -1,0 +1,97 @@
+"""Apply each service's SQL migrations, in order, once.
+
+Migrations run with an administrative connection. Tables belong to the
+`arxio_owner` role, which no service logs in as; each service logs in as its
+own role with only the privileges its migrations grant.
+"""
+
+from pathlib import Path
+
+import psycopg
+import structlog
+from psycopg import sql
+
+log = structlog.get_logger()
+
+OWNER_ROLE = "arxio_owner"
+SERVICES_WITH_TABLES = ("auth", "audit")
+_SERVICES_DIR = Path(__file__).resolve().parent.parent
+# Any constant works; it keeps two runners from migrating at once.
+_LOCK_ID = 7_305_114
+
+
+def service_role(service: str) -> str:
+    return f"arxio_{service}"
+
+
+def _ensure_role(cursor: psycopg.Cursor, role: str, login: bool) -> None:
+    cursor.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,))
+    if cursor.fetchone() is None:
+        option = sql.SQL("LOGIN" if login else "NOLOGIN")
+        cursor.execute(
+            sql.SQL("CREATE ROLE {} {}").format(sql.Identifier(role), option)
+        )
+        log.info("migrations.role_created", role=role)
+
+
+def migration_files(service: str) -> list[Path]:
+    return sorted((_SERVICES_DIR / service / "migrations").glob("*.sql"))
+
+
+def migrate(admin_url: str) -> list[str]:
+    """Apply pending migrations of every service; return what was applied."""
+    applied = []
+    with psycopg.connect(admin_url, autocommit=True) as connection:
+        cursor = connection.cursor()
+        cursor.execute("SELECT pg_advisory_lock(%s)", (_LOCK_ID,))
+        try:
+            _ensure_role(cursor, OWNER_ROLE, login=False)
+            # The owner creates each service's schema in this database.
+            cursor.execute(
+                sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
+                    sql.Identifier(connection.info.dbname),
+                    sql.Identifier(OWNER_ROLE),
+                )
+            )
+            for service in SERVICES_WITH_TABLES:
+                _ensure_role(cursor, service_role(service), login=True)
+            cursor.execute(
+                "CREATE TABLE IF NOT EXISTS public.arxio_schema_migrations ("
+                " service text NOT NULL, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now(),"
+                " PRIMARY KEY (service, name))"
+            )
+            for service in SERVICES_WITH_TABLES:
+                applied += _migrate_service(connection, service)
+        finally:
+            cursor.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_ID,))
+
+    return applied
+
+
+def _migrate_service(connection: psycopg.Connection, service: str) -> list:
+    cursor = connection.cursor()
+    cursor.execute(
+        "SELECT name FROM public.arxio_schema_migrations WHERE service = %s",
+        (service,),
+    )
+    done = {row[0] for row in cursor.fetchall()}
+    applied = []
+    for path in migration_files(service):
+        if path.name in done:
+            continue
+        with connection.transaction():
+            cursor.execute(
+                sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(OWNER_ROLE))
+            )
+            cursor.execute(path.read_text())
+            cursor.execute("RESET ROLE")
+            cursor.execute(
+                "INSERT INTO public.arxio_schema_migrations (service, name)"
+                " VALUES (%s, %s)",
+                (service, path.name),
+            )
+        log.info("migrations.applied", service=service, migration=path.name)
+        applied.append(f"{service}/{path.name}")
+
+    return applied

@@ -1,0 +1,48 @@
+"""Opaque page tokens for keyset pagination, as Google's API guide uses."""
+
+import base64
+import binascii
+import datetime
+import json
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+
+class InvalidPageToken(ValueError):
+    pass
+
+
+def page_size(requested: int) -> int:
+    """Apply the default and the maximum to a request's `page_size`."""
+    if requested < 0:
+        raise ValueError("pageSize must not be negative")
+    if requested == 0:
+        return DEFAULT_PAGE_SIZE
+
+    return min(requested, MAX_PAGE_SIZE)
+
+
+def encode_token(time: datetime.datetime, identifier: str) -> str:
+    raw = json.dumps([time.isoformat(), identifier]).encode()
+
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_token(token: str) -> tuple[datetime.datetime, str] | None:
+    """Decode a token from `encode_token`; an empty token is the first page."""
+    if not token:
+        return None
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        time, identifier = json.loads(base64.urlsafe_b64decode(padded))
+        parsed = datetime.datetime.fromisoformat(time)
+    except (ValueError, TypeError, binascii.Error) as error:
+        raise InvalidPageToken(
+            "pageToken is invalid: pass the nextPageToken of the previous "
+            "page unchanged"
+        ) from error
+    if not isinstance(identifier, str) or parsed.tzinfo is None:
+        raise InvalidPageToken("pageToken is invalid")
+
+    return parsed, identifier

@@ -1,0 +1,246 @@
+"""Run a service as a `grpc.aio` server with mutual TLS, health, reflection,
+one log line per RPC and a graceful stop on SIGTERM."""
+
+import asyncio
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.config import ConfigError, ServerConfig
+from services.common.identity import (
+    KEY_ID_HEADER,
+    ORG_ID_HEADER,
+    REQUEST_ID_HEADER,
+)
+from services.common.logging import configure_logging
+
+log = structlog.get_logger()
+
+# Seconds between readiness checks of what a service depends on.
+READINESS_INTERVAL = 2.0
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One servicer and the function that adds it to a server."""
+
+    add_to_server: Callable[[object, grpc.aio.Server], None]
+    servicer: object
+    # Full proto name, for example `arxio.audit.v1.AuditService`.
+    service_name: str
+    # Peers allowed to call this service, overriding the server's default.
+    allowed_peers: frozenset[str] | None = None
+
+
+def _peer_name(context: grpc.aio.ServicerContext) -> str:
+    names = context.auth_context().get("x509_common_name") or [b""]
+
+    return names[0].decode()
+
+
+def _metadata(details: grpc.HandlerCallDetails) -> dict[str, str]:
+    wanted = (REQUEST_ID_HEADER, ORG_ID_HEADER, KEY_ID_HEADER)
+    found = {}
+    for key, value in details.invocation_metadata or ():
+        if key in wanted and isinstance(value, str):
+            found[key.removeprefix("x-").replace("-", "_")] = value
+
+    return found
+
+
+class ServingInterceptor(grpc.aio.ServerInterceptor):
+    """Allow only known peers and log one summary line per RPC."""
+
+    def __init__(
+        self, default_peers: frozenset[str], registrations: Sequence
+    ) -> None:
+        self._default_peers = default_peers
+        self._peers_by_service = {
+            registration.service_name: registration.allowed_peers
+            for registration in registrations
+            if registration.allowed_peers is not None
+        }
+
+    def _allowed_peers(self, method: str) -> frozenset[str] | None:
+        service = method.lstrip("/").split("/", 1)[0]
+        if service.startswith("grpc."):
+            # Health and reflection: any holder of an internal certificate.
+            return None
+
+        return self._peers_by_service.get(service, self._default_peers)
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+        method = details.method
+        allowed = self._allowed_peers(method)
+        ids = _metadata(details)
+
+        async def unary_unary(request, context):
+            started = time.perf_counter()
+            structlog.contextvars.bind_contextvars(method=method, **ids)
+            code = grpc.StatusCode.OK
+            try:
+                peer = _peer_name(context)
+                if allowed is not None and peer not in allowed:
+                    log.warning("rpc.peer_rejected", peer=peer)
+                    await context.abort(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        f"peer {peer!r} may not call {method}",
+                    )
+
+                return await inner(request, context)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                if code is grpc.StatusCode.OK or code is None:
+                    code = grpc.StatusCode.UNKNOWN
+                    log.exception("rpc.failed")
+                raise
+            finally:
+                if context.code() not in (None, grpc.StatusCode.OK):
+                    code = context.code()
+                log.info(
+                    "rpc",
+                    code=code.name,
+                    duration_ms=round(
+                        (time.perf_counter() - started) * 1000, 2
+                    ),
+                )
+                structlog.contextvars.unbind_contextvars("method", *ids.keys())
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
+    tls = config.tls
+
+    return grpc.ssl_server_credentials(
+        [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+        root_certificates=tls.ca_file.read_bytes(),
+        require_client_auth=True,
+    )
+
+
+def channel_credentials(config: ServerConfig) -> grpc.ChannelCredentials:
+    """Build client credentials for calling another service over mTLS."""
+    tls = config.tls
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=tls.ca_file.read_bytes(),
+        private_key=tls.key_file.read_bytes(),
+        certificate_chain=tls.cert_file.read_bytes(),
+    )
+
+
+async def _watch_readiness(
+    servicer: health.aio.HealthServicer,
+    names: Sequence[str],
+    check_ready: Callable[[], Awaitable[bool]],
+    stopping: asyncio.Event,
+) -> None:
+    serving = None
+    while not stopping.is_set():
+        try:
+            ready = await check_ready()
+        except Exception as error:
+            ready = False
+            log.warning("readiness.check_failed", error=repr(error))
+        if ready != serving:
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if ready
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            for name in names:
+                await servicer.set(name, status)
+            log.info("readiness.changed", serving=ready)
+            serving = ready
+        try:
+            await asyncio.wait_for(stopping.wait(), READINESS_INTERVAL)
+        except TimeoutError:
+            pass
+
+
+async def serve(
+    name: str,
+    config: ServerConfig,
+    registrations: Sequence[Registration],
+    check_ready: Callable[[], Awaitable[bool]] | None = None,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then drain for the configured grace."""
+    server = grpc.aio.server(
+        interceptors=[ServingInterceptor(config.allowed_peers, registrations)],
+        options=[
+            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    for registration in registrations:
+        registration.add_to_server(registration.servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = ["", *(r.service_name for r in registrations)]
+    reflection.enable_server_reflection(
+        [*names[1:], health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    address = f"{config.host}:{config.port}"
+    bound = server.add_secure_port(address, server_credentials(config))
+    if bound == 0:
+        raise RuntimeError(f"failed to bind {address}: is the port in use?")
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+
+    await server.start()
+    log.info("server.started", address=f"{config.host}:{bound}")
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    if check_ready is None:
+        for service_name in names:
+            await health_servicer.set(
+                service_name, health_pb2.HealthCheckResponse.SERVING
+            )
+        watcher = None
+    else:
+        for service_name in names:
+            await health_servicer.set(service_name, not_serving)
+        watcher = asyncio.create_task(
+            _watch_readiness(health_servicer, names, check_ready, stopping)
+        )
+
+    await stopping.wait()
+    log.info("server.stopping", grace_seconds=config.shutdown_grace)
+    await health_servicer.enter_graceful_shutdown()
+    if watcher is not None:
+        await watcher
+    await server.stop(config.shutdown_grace)
+    if on_stop is not None:
+        await on_stop()
+    log.info("server.stopped")
+
+
+def run_service(name: str, main: Callable[[], Awaitable[None]]) -> None:
+    """Run a service's `main` with logging; exit 2 on invalid settings."""
+    configure_logging(name)
+    try:
+        asyncio.run(main())
+    except ConfigError as error:
+        log.error("server.config_invalid", error=str(error))
+        raise SystemExit(2) from None

