@@ -55,7 +55,7 @@ def _metadata(details: grpc.HandlerCallDetails) -> dict[str, str]:
 
 
 class ServingInterceptor(grpc.aio.ServerInterceptor):
-    """Allow only known peers and log one summary line per RPC."""
+    """Allow only known peers; log one summary line per unary-response RPC."""
 
     def __init__(
         self, default_peers: frozenset[str], registrations: Sequence
@@ -77,53 +77,96 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
-        inner = handler.unary_unary
         method = details.method
         allowed = self._allowed_peers(method)
         ids = _metadata(details)
 
-        async def unary_unary(request, context):
-            started = time.perf_counter()
-            structlog.contextvars.bind_contextvars(method=method, **ids)
-            code = grpc.StatusCode.OK
-            try:
-                peer = _peer_name(context)
-                if allowed is not None and peer not in allowed:
-                    log.warning("rpc.peer_rejected", peer=peer)
-                    await context.abort(
-                        grpc.StatusCode.PERMISSION_DENIED,
-                        f"peer {peer!r} may not call {method}",
+        async def check_peer(context) -> None:
+            peer = _peer_name(context)
+            if allowed is not None and peer not in allowed:
+                log.warning("rpc.peer_rejected", peer=peer, method=method)
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"peer {peer!r} may not call {method}",
+                )
+
+        def unary_response(inner):
+            async def behavior(request, context):
+                started = time.perf_counter()
+                structlog.contextvars.bind_contextvars(method=method, **ids)
+                code = grpc.StatusCode.OK
+                try:
+                    await check_peer(context)
+
+                    return await inner(request, context)
+                except asyncio.CancelledError:
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                except Exception:
+                    code = context.code()
+                    if code in (None, grpc.StatusCode.OK):
+                        code = grpc.StatusCode.UNKNOWN
+                        log.exception("rpc.failed")
+                    raise
+                finally:
+                    if context.code() not in (None, grpc.StatusCode.OK):
+                        code = context.code()
+                    log.info(
+                        "rpc",
+                        code=code.name,
+                        duration_ms=round(
+                            (time.perf_counter() - started) * 1000, 2
+                        ),
+                    )
+                    structlog.contextvars.unbind_contextvars(
+                        "method", *ids.keys()
                     )
 
-                return await inner(request, context)
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception:
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                if code is grpc.StatusCode.OK or code is None:
-                    code = grpc.StatusCode.UNKNOWN
-                    log.exception("rpc.failed")
-                raise
-            finally:
-                if context.code() not in (None, grpc.StatusCode.OK):
-                    code = context.code()
-                log.info(
-                    "rpc",
-                    code=code.name,
-                    duration_ms=round(
-                        (time.perf_counter() - started) * 1000, 2
-                    ),
-                )
-                structlog.contextvars.unbind_contextvars("method", *ids.keys())
+            return behavior
 
-        return grpc.unary_unary_rpc_method_handler(
-            unary_unary,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        def streaming_response(inner):
+            async def behavior(request, context):
+                await check_peer(context)
+                result = inner(request, context)
+                if hasattr(result, "__aiter__"):
+                    async for response in result:
+                        yield response
+                else:
+                    # A handler that writes with context.write() instead.
+                    await result
+
+            return behavior
+
+        wrappers = {
+            "unary_unary": (
+                unary_response,
+                grpc.unary_unary_rpc_method_handler,
+            ),
+            "stream_unary": (
+                unary_response,
+                grpc.stream_unary_rpc_method_handler,
+            ),
+            "unary_stream": (
+                streaming_response,
+                grpc.unary_stream_rpc_method_handler,
+            ),
+            "stream_stream": (
+                streaming_response,
+                grpc.stream_stream_rpc_method_handler,
+            ),
+        }
+        for kind, (wrap, build) in wrappers.items():
+            inner = getattr(handler, kind)
+            if inner is not None:
+                return build(
+                    wrap(inner),
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
+
+        return handler
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials:

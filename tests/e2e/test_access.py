@@ -99,10 +99,16 @@ class TestAuthentication:
         )
 
         assert 200 == response.status
-        usage = edge.request(
+        # Each usage read counts itself: one for the other org means the
+        # spoofed request was not counted against it.
+        theirs = edge.request(
             "GET", "/v1/billing/usage", headers={"x-api-key": other.api_key}
         ).json()
-        assert 0 == usage["totalRequests"]
+        assert "1" == theirs["totalRequests"]
+        ours = edge.request(
+            "GET", "/v1/billing/usage", headers={"x-api-key": mine.api_key}
+        ).json()
+        assert "2" == ours["totalRequests"]
 
 
 class TestResponseHeaders:
@@ -240,3 +246,59 @@ class TestTransport:
         with socket.create_connection(("127.0.0.1", edge.port), 10) as raw:
             with pytest.raises(ssl.SSLError):
                 context.wrap_socket(raw, server_hostname="localhost")
+
+
+class TestServicePeers:
+    def _channel(self, stack, client: str, service: str) -> grpc.Channel:
+        certs = stack.certs_dir
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=(certs / "ca.crt").read_bytes(),
+            private_key=(certs / f"{client}.key").read_bytes(),
+            certificate_chain=(certs / f"{client}.crt").read_bytes(),
+        )
+
+        return grpc.secure_channel(
+            f"127.0.0.1:{stack.ports[service]}", credentials
+        )
+
+    def test_account_api_only_for_billing(self, stack, new_org):
+        """The internal account API accepts billing's certificate only."""
+        from arxio.internal.v1 import accounts_pb2, accounts_pb2_grpc
+
+        org = new_org()
+        request = accounts_pb2.GetOrganizationRequest(org_id=org.org_id)
+
+        with self._channel(stack, "billing", "auth") as channel:
+            stub = accounts_pb2_grpc.AccountServiceStub(channel)
+            assert (
+                org.org_id == stub.GetOrganization(request, timeout=5).org_id
+            )
+        for client in ("cds", "envoy"):
+            with self._channel(stack, client, "auth") as channel:
+                stub = accounts_pb2_grpc.AccountServiceStub(channel)
+                with pytest.raises(grpc.RpcError) as raised:
+                    stub.GetOrganization(request, timeout=5)
+            assert grpc.StatusCode.PERMISSION_DENIED == raised.value.code()
+
+    def test_services_reject_other_services(self, stack):
+        """The CDS service accepts calls from the edge's certificate only."""
+        with self._channel(stack, "audit", "cds") as channel:
+            stub = cds_pb2_grpc.ClinicalDecisionSupportServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.ClinicalReview(cds_pb2.ClinicalReviewRequest(), timeout=5)
+
+        assert grpc.StatusCode.PERMISSION_DENIED == raised.value.code()
+
+    def test_services_require_client_certificate(self, stack):
+        """A TLS client without a certificate cannot reach a service."""
+        credentials = grpc.ssl_channel_credentials(
+            (stack.certs_dir / "ca.crt").read_bytes()
+        )
+        address = f"127.0.0.1:{stack.ports['cds']}"
+
+        with grpc.secure_channel(address, credentials) as channel:
+            stub = cds_pb2_grpc.ClinicalDecisionSupportServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.ClinicalReview(cds_pb2.ClinicalReviewRequest(), timeout=5)
+
+        assert grpc.StatusCode.UNAVAILABLE == raised.value.code()

@@ -94,7 +94,9 @@ class TestCompleteness:
                 stub.ClinicalReview(
                     request, metadata=[("x-api-key", org.api_key)], timeout=30
                 )
+        # A failed call is trailers-only: the request id is in the trailers.
         metadata = dict(raised.value.initial_metadata())
+        metadata |= dict(raised.value.trailing_metadata())
         request_id = metadata["x-request-id"]
 
         row = stored_rows(stack, [request_id])[request_id]
