@@ -3,7 +3,6 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 RUN_DIR := .run
-SITE_PACKAGES = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
 .PHONY: setup install protos certs model run test test-unit lint format
 
@@ -12,11 +11,23 @@ setup: install protos certs model
 
 install: $(VENV)/.installed
 
+# llama.cpp's native build enables every instruction set of the build
+# machine, AMX included, and its AMX kernels crash where the kernel or
+# sandbox does not grant AMX state. Build for AVX2 instead, which every
+# x86-64 server of the last decade runs, and never reuse a cached wheel
+# built with other flags.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON \
+	-DGGML_FMA=ON -DGGML_F16C=ON
+
+# The generated API package lives in build/python; a .pth file puts it on
+# the venv's import path.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --no-cache-dir \
+		--constraint constraints.txt llama-cpp-python
 	$(PY) -m pip install --constraint constraints.txt --editable '.[dev]'
-	echo "$(CURDIR)/build/python" > "$(SITE_PACKAGES)/arxio-generated.pth"
+	$(PY) -c 'import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()["purelib"], "arxio-generated.pth").write_text("$(CURDIR)/build/python\n")'
 	touch $@
 
 ## protos: generate the Python API package and Envoy's descriptor set
