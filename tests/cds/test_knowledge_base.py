@@ -301,6 +301,83 @@ class TestLoadErrors:
             load_knowledge_base(knowledge_copy)
 
 
+class TestRuleFileErrors:
+    def test_dose_unit_unknown(self, knowledge_copy):
+        """A dose limit in a unit the engine cannot convert is rejected."""
+        _edit(
+            knowledge_copy,
+            "doses",
+            lambda data: data["dose_limits"][0]["max_daily"].update(
+                unit="tablets"
+            ),
+        )
+
+        with pytest.raises(ValueError, match="'tablets'"):
+            load_knowledge_base(knowledge_copy)
+
+    def test_dose_route_unknown(self, knowledge_copy):
+        _edit(
+            knowledge_copy,
+            "doses",
+            lambda data: data["dose_limits"][0].update(routes=["sideways"]),
+        )
+
+        with pytest.raises(ValueError, match="'sideways'"):
+            load_knowledge_base(knowledge_copy)
+
+    def test_unknown_condition_in_rule(self, knowledge_copy):
+        _edit(
+            knowledge_copy,
+            "conditions",
+            lambda data: data["contraindications"][0].update(
+                condition="condition.hart-failure"
+            ),
+        )
+
+        with pytest.raises(ValueError, match="condition.hart-failure"):
+            load_knowledge_base(knowledge_copy)
+
+    def test_age_rule_without_bounds(self, knowledge_copy):
+        """An age rule must give a lower or an upper age."""
+
+        def unbound(data):
+            data["age_rules"][0].pop("min_age", None)
+            data["age_rules"][0].pop("below_age", None)
+
+        _edit(knowledge_copy, "age", unbound)
+
+        with pytest.raises(ValueError, match="age"):
+            load_knowledge_base(knowledge_copy)
+
+    def test_duplicate_class_unknown(self, knowledge_copy):
+        _edit(
+            knowledge_copy,
+            "duplicate_therapy",
+            lambda data: data["duplicate_classes"][0].update(
+                **{"class": "class.nsiad"}
+            ),
+        )
+
+        with pytest.raises(ValueError, match="class.nsiad"):
+            load_knowledge_base(knowledge_copy)
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(KNOWLEDGE_DIR.glob("*.json")),
+    ids=lambda path: path.name,
+)
+def test_files_are_in_canonical_format(path):
+    """Each file keeps one format, so that edits merge line by line."""
+    text = path.read_text(encoding="utf-8")
+    canonical = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
+
+    assert canonical + "\n" == text, (
+        f"{path.name} is not in the canonical format: rewrite it with "
+        "json.dumps(data, indent=2, ensure_ascii=False) and a final newline"
+    )
+
+
 class TestResolveName:
     @pytest.mark.parametrize(("name", "drug_id"), _drug_names())
     def test_every_drug_name_resolves(self, kb, name, drug_id):

@@ -12,6 +12,9 @@ Finding = cds_pb2.Finding
 Level = cds_pb2.Risk.Level
 SEVERE = cds_pb2.Allergy.Severity.SEVERE
 MILD = cds_pb2.Allergy.Severity.MILD
+# Patient facts that leave no patient check without its input, for tests
+# of other checks.
+COMPLETE = {"sex": cds_pb2.Patient.Sex.MALE, "age_years": 40, "egfr": 90}
 
 
 def _request(*names, allergies=(), **patient) -> cds_pb2.ClinicalReviewRequest:
@@ -114,7 +117,7 @@ class TestMedicationNames:
         """Salt forms resolve to the ingredient and are screened."""
         result = screen(
             _request(
-                "warfarin sodium 5 mg", "naproxen sodium 220 mg", egfr=90
+                "warfarin sodium 5 mg", "naproxen sodium 220 mg", **COMPLETE
             ),
             KB,
         )
@@ -150,7 +153,9 @@ class TestMedicationNames:
 
     def test_unknown_drug_reported_not_screened(self):
         """A name the vocabulary lacks is listed as not screened."""
-        result = screen(_request("warfarin", "Xyzzyfloxacin 10 mg"), KB)
+        result = screen(
+            _request("warfarin", "Xyzzyfloxacin 10 mg", **COMPLETE), KB
+        )
 
         [entry] = result.not_screened
         assert "Xyzzyfloxacin 10 mg" == entry.subject
@@ -167,7 +172,7 @@ class TestMedicationNames:
 
     def test_unknown_rxnorm_reported_screened_by_name(self):
         """An unknown RxNorm code is reported and the name still screened."""
-        request = _request("ibuprofen", egfr=90)
+        request = _request("ibuprofen", **COMPLETE)
         request.medications.add(name="warfarin", rxnorm="99999999")
 
         result = screen(request, KB)
@@ -189,7 +194,7 @@ class TestMedicationNames:
 
     def test_rxnorm_code_alone_is_screened(self):
         """A medication given only by RxNorm code is screened by it."""
-        request = _request(egfr=90)
+        request = _request(**COMPLETE)
         request.medications.add(rxnorm="11289")
         request.medications.add(rxnorm="5640")
 
@@ -301,7 +306,9 @@ class TestAllergyClasses:
 
     def test_unknown_allergy_reported(self):
         """A non-drug allergy is listed as not screened."""
-        result = screen(_request("warfarin", allergies=["peanuts"]), KB)
+        result = screen(
+            _request("warfarin", allergies=["peanuts"], **COMPLETE), KB
+        )
 
         [entry] = result.not_screened
         assert "peanuts" == entry.subject
@@ -375,28 +382,34 @@ class TestRenalRules:
 
 
 class TestUnavailableChecks:
-    def test_conditions_reported_not_screened(self):
-        """Conditions are listed as not screened until rules exist."""
-        request = _request("sertraline")
-        request.conditions.add(name="atrial fibrillation")
+    def test_unknown_condition_reported(self):
+        """A condition known by neither name nor code is not screened."""
+        request = _request("sertraline", **COMPLETE)
+        request.conditions.add(name="zzcondition", icd10="Z99.89")
 
         [entry] = screen(request, KB).not_screened
-        assert "drug-condition screening" == entry.subject
 
-    def test_pregnancy_and_age_reported(self):
-        """Pregnancy, lactation and age 65+ are listed as not screened."""
+        assert "zzcondition" == entry.subject
+        assert "not recognized" in entry.reason
+
+    def test_missing_patient_inputs_reported(self):
+        """Renal, age and pregnancy checks without input are listed."""
+        result = screen(_request("ibuprofen", "lorazepam", "warfarin"), KB)
+
+        assert [
+            "renal dosing",
+            "age screening",
+            "pregnancy screening",
+        ] == [entry.subject for entry in result.not_screened]
+
+    def test_male_patient_not_asked_pregnancy(self):
+        """Pregnancy status is not asked of a male patient."""
         result = screen(
-            _request(
-                "sertraline", pregnant=True, lactating=True, age_years=70
-            ),
+            _request("warfarin", sex=cds_pb2.Patient.Sex.MALE, age_years=30),
             KB,
         )
 
-        assert [
-            "pregnancy screening",
-            "lactation screening",
-            "age screening",
-        ] == [entry.subject for entry in result.not_screened]
+        assert [] == list(result.not_screened)
 
 
 class TestRisk:

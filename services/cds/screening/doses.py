@@ -1,0 +1,209 @@
+"""Dose checks: a single dose or a daily total above the labeled maximum.
+
+The daily total is the dose times the most doses a day that the frequency
+allows. A dose whose unit, route or frequency cannot be read is reported as
+not screened for dose, never guessed.
+"""
+
+from collections.abc import Iterator
+
+from arxio.cds.v1 import cds_pb2
+
+from services.cds import dosing
+from services.cds.knowledge_base import KnowledgeBase
+from services.cds.rules import Amount, DoseLimit
+from services.cds.screening.inputs import (
+    ScreenedMedication,
+    make_finding,
+    not_screened,
+)
+
+Category = cds_pb2.Finding.Category
+
+
+def _amount_text(value: float, unit: str) -> str:
+    if value == int(value):
+        return f"{int(value):,} {unit}"
+
+    return f"{value:,.3g} {unit}"
+
+
+def _in(amount: Amount, unit: str) -> float:
+    converted = dosing.in_unit(amount.value, amount.unit, unit)
+    # The knowledge base rejects limits whose amounts do not convert.
+    assert converted is not None
+
+    return converted
+
+
+def _limits_for_route(
+    limits: list[DoseLimit], route: str | None
+) -> list[DoseLimit]:
+    """Return the limits for a route; without one, the most permissive."""
+    if route is not None:
+        return [
+            limit
+            for limit in limits
+            if not limit.routes or route in limit.routes
+        ]
+    most = max(limits, key=lambda limit: _in(limit.max_daily, "mg"))
+
+    return [most]
+
+
+def dose_findings(
+    medications: list[ScreenedMedication],
+    patient: cds_pb2.Patient,
+    kb: KnowledgeBase,
+    gaps: list[cds_pb2.NotScreened],
+) -> Iterator[cds_pb2.Finding]:
+    """Yield a finding for each medication dosed above its limit."""
+    for medication in medications:
+        limits = [
+            limit for limit in kb.dose_limits if limit.drug in medication.drugs
+        ]
+        item = medication.item
+        if not limits or not item.HasField("dose") or item.dose.value <= 0:
+            continue
+        subject = medication.subject
+        if len(medication.drugs) > 1:
+            gaps.append(
+                not_screened(
+                    subject,
+                    "dose of a combination product cannot be assigned to "
+                    "each ingredient, so it was not checked",
+                )
+            )
+            continue
+        unit = dosing.canonical_unit(item.dose.unit)
+        if unit is None:
+            gaps.append(
+                not_screened(
+                    subject,
+                    f'dose unit "{item.dose.unit}" not recognized, so the '
+                    "dose was not checked: give the amount in g, mg, mcg, "
+                    "units, mEq or mmol",
+                )
+            )
+            continue
+        route = None
+        if item.route.strip():
+            route = dosing.canonical_route(item.route)
+            if route is None:
+                gaps.append(
+                    not_screened(
+                        subject,
+                        f'route "{item.route}" not recognized, so the dose '
+                        "was not checked",
+                    )
+                )
+                continue
+        route_limits = _limits_for_route(limits, route)
+        if not route_limits:
+            gaps.append(
+                not_screened(
+                    subject,
+                    f'no dose limit for the route "{item.route}" in the '
+                    "knowledge base, so the dose was not checked",
+                )
+            )
+        for limit in route_limits:
+            finding = _check_limit(medication, unit, limit, patient, gaps)
+            if finding is not None:
+                yield finding
+
+
+def _daily_problem(
+    daily: float, limit: DoseLimit, by_weight: float | None
+) -> str:
+    unit = limit.max_daily.unit
+    maximum = _amount_text(_in(limit.max_daily, unit), unit)
+    if by_weight is not None and limit.max_daily_per_kg is not None:
+        per_kg = _amount_text(_in(limit.max_daily_per_kg, unit), unit)
+        maximum += f" or {per_kg}/kg of body weight, whichever is lower"
+
+    return (
+        f"The order allows up to {_amount_text(daily, unit)} a day, above "
+        f"the maximum daily dose of {maximum}."
+    )
+
+
+def _check_limit(
+    medication: ScreenedMedication,
+    unit: str,
+    limit: DoseLimit,
+    patient: cds_pb2.Patient,
+    gaps: list[cds_pb2.NotScreened],
+) -> cds_pb2.Finding | None:
+    subject = medication.subject
+    limit_unit = limit.max_daily.unit
+    dose = dosing.in_unit(medication.item.dose.value, unit, limit_unit)
+    if dose is None:
+        gaps.append(
+            not_screened(
+                subject,
+                f"dose in {unit} cannot be compared with the limit in "
+                f"{limit_unit}, so the dose was not checked",
+            )
+        )
+        return None
+
+    has_weight = patient.HasField("weight_kg")
+    by_weight = None
+    if limit.max_daily_per_kg is not None and has_weight:
+        by_weight = _in(limit.max_daily_per_kg, limit_unit) * patient.weight_kg
+    if patient.HasField("age_years") and patient.age_years < limit.min_age:
+        if by_weight is None:
+            gaps.append(
+                not_screened(
+                    subject,
+                    f"dose limits under {limit.min_age} years are not in "
+                    "the knowledge base, so the dose was not checked",
+                )
+            )
+            return None
+        max_daily = by_weight
+    else:
+        max_daily = _in(limit.max_daily, limit_unit)
+        if by_weight is not None:
+            max_daily = min(max_daily, by_weight)
+
+    problems = []
+    if limit.max_single is not None:
+        max_single = _in(limit.max_single, limit_unit)
+        if dose > max_single:
+            problems.append(
+                f"A single dose of {_amount_text(dose, limit_unit)} is "
+                f"above the maximum of {_amount_text(max_single, limit_unit)}."
+            )
+    frequency = dosing.parse_frequency(medication.item.frequency)
+    if frequency is None and dose > max_daily:
+        problems.append(
+            f"A single dose of {_amount_text(dose, limit_unit)} is above the "
+            "maximum daily dose."
+        )
+    elif frequency is None:
+        reason = "not given"
+        if medication.item.frequency.strip():
+            reason = f'"{medication.item.frequency}" not recognized'
+        gaps.append(
+            not_screened(
+                subject,
+                f"frequency {reason}, so the daily dose was not checked",
+            )
+        )
+    else:
+        daily = dose * frequency.doses_per_day
+        if daily > max_daily * (1 + 1e-9):
+            problems.append(_daily_problem(daily, limit, by_weight))
+    if not problems:
+        return None
+
+    return make_finding(
+        Category.DOSE,
+        limit.text,
+        [subject],
+        f"{subject}: {limit.text.summary}",
+        " ".join([limit.text.detail, *problems]),
+        limit.id,
+    )

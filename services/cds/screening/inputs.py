@@ -1,0 +1,243 @@
+"""Resolve a request's medications, allergies and conditions to the
+knowledge base's drugs and conditions.
+
+Whatever cannot be resolved is reported as not screened, with the reason;
+nothing is dropped silently and nothing is matched approximately.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from arxio.cds.v1 import cds_pb2
+
+from services.cds.knowledge_base import AllergyMatch, KnowledgeBase
+from services.cds.rules import FindingText
+from services.cds.vocabulary import name_words
+
+Finding = cds_pb2.Finding
+
+
+@dataclass(frozen=True)
+class ScreenedMedication:
+    """A recognized medication and the request item it came from."""
+
+    # The name as the request gave it, or the RxNorm code without a name.
+    subject: str
+    drugs: frozenset[str]
+    item: cds_pb2.Medication
+
+
+@dataclass(frozen=True)
+class ScreenedAllergy:
+    substance: str
+    severity: int
+    match: AllergyMatch
+
+
+@dataclass(frozen=True)
+class ScreenedCondition:
+    # The name as the request gave it, or its code without a name.
+    subject: str
+    conditions: frozenset[str]
+
+
+def not_screened(subject: str, reason: str) -> cds_pb2.NotScreened:
+    return cds_pb2.NotScreened(subject=subject, reason=reason)
+
+
+def make_finding(
+    category: int,
+    text: FindingText,
+    subjects: Sequence[str],
+    summary: str,
+    detail: str,
+    rule_id: str,
+    severity: int | None = None,
+) -> cds_pb2.Finding:
+    """Build a finding from a rule's text, cited with the rule's source."""
+    return Finding(
+        category=category,
+        severity=text.severity if severity is None else severity,
+        subjects=list(subjects),
+        summary=summary,
+        detail=detail,
+        action=text.action,
+        source=text.source.to_proto(),
+        rule_id=rule_id,
+    )
+
+
+def with_ingredients(
+    detail: str, matches: list[tuple[str, str]], kb: KnowledgeBase
+) -> str:
+    """Append which ingredient each brand or product name was matched to."""
+    notes = [
+        f"{subject} contains {kb.drugs[drug_id].name}."
+        for subject, drug_id in matches
+        if name_words(subject) != name_words(kb.drugs[drug_id].name)
+    ]
+
+    return " ".join([detail, *notes])
+
+
+def resolve_medications(
+    requested: Sequence[cds_pb2.Medication],
+    kb: KnowledgeBase,
+    gaps: list[cds_pb2.NotScreened],
+) -> tuple[list[ScreenedMedication], list[str]]:
+    """Return the recognized medications and the subjects of the others.
+
+    A medication is screened for the drugs of its RxNorm code and of its
+    name together, so either one is enough to screen it.
+    """
+    medications = []
+    unrecognized = []
+    for medication in requested:
+        subject = medication.name
+        if not subject.strip():
+            subject = medication.rxnorm
+        match = kb.resolve_name(medication.name)
+        code = medication.rxnorm.strip()
+        code_drugs = kb.resolve_rxnorm(code) if code else ()
+        drugs = frozenset(match.drugs) | frozenset(code_drugs)
+
+        gaps += _medication_gaps(
+            subject, code, bool(code_drugs), drugs, match.unrecognized, kb
+        )
+        if drugs:
+            medications.append(ScreenedMedication(subject, drugs, medication))
+        if not drugs or match.unrecognized:
+            unrecognized.append(subject)
+
+    return medications, unrecognized
+
+
+def _medication_gaps(
+    subject: str,
+    code: str,
+    code_known: bool,
+    drugs: frozenset[str],
+    unmatched_words: tuple[str, ...],
+    kb: KnowledgeBase,
+) -> list[cds_pb2.NotScreened]:
+    """Explain what of one medication could not be screened."""
+    gaps = []
+    if code and not code_known and drugs:
+        gaps.append(
+            not_screened(
+                subject,
+                f"RxNorm code {code} is not in the knowledge base, so the "
+                "medication was screened by its name",
+            )
+        )
+    elif code and not code_known:
+        gaps.append(
+            not_screened(
+                subject,
+                f"neither the name nor RxNorm code {code} was recognized, "
+                "so the medication was not screened",
+            )
+        )
+    elif not drugs:
+        gaps.append(
+            not_screened(
+                subject, "not recognized, so the medication was not screened"
+            )
+        )
+    if drugs and unmatched_words:
+        screened_as = ", ".join(sorted(kb.drugs[d].name for d in drugs))
+        gaps.append(
+            not_screened(
+                subject,
+                f"partly recognized and screened as {screened_as}. The "
+                f'words "{" ".join(unmatched_words)}" were not recognized '
+                "and not screened",
+            )
+        )
+
+    return gaps
+
+
+def resolve_allergies(
+    requested: Sequence[cds_pb2.Allergy],
+    kb: KnowledgeBase,
+    gaps: list[cds_pb2.NotScreened],
+) -> list[ScreenedAllergy]:
+    allergies = []
+    for allergy in requested:
+        match = kb.resolve_allergy(allergy.substance)
+        recognized = match.allergy_classes or match.drugs
+        if not recognized:
+            gaps.append(
+                not_screened(
+                    allergy.substance,
+                    "allergy not recognized as a drug or drug class, so it "
+                    "was not screened against the medications",
+                )
+            )
+            continue
+        if match.unrecognized:
+            gaps.append(
+                not_screened(
+                    allergy.substance,
+                    "allergy partly recognized. The words "
+                    f'"{" ".join(match.unrecognized)}" were not recognized '
+                    "and not screened",
+                )
+            )
+        allergies.append(
+            ScreenedAllergy(allergy.substance, allergy.severity, match)
+        )
+
+    return allergies
+
+
+def resolve_conditions(
+    requested: Sequence[cds_pb2.Condition],
+    kb: KnowledgeBase,
+    gaps: list[cds_pb2.NotScreened],
+) -> list[ScreenedCondition]:
+    """Return the recognized conditions; report the others.
+
+    A condition none of whose codes or name the knowledge base knows is
+    not screened. A known condition with an unknown code is screened, and
+    the unknown code is reported.
+    """
+    conditions = []
+    for condition in requested:
+        subject = condition.name
+        if not subject.strip():
+            subject = condition.icd10.strip() or condition.snomed.strip()
+        match = kb.resolve_condition(
+            condition.name, condition.icd10, condition.snomed
+        )
+        if not match.conditions:
+            gaps.append(
+                not_screened(
+                    subject,
+                    "condition not recognized by name or code, so it was "
+                    "not screened against the medications",
+                )
+            )
+            continue
+        unknown = [
+            f"{system} code {code.strip()}"
+            for system, code, is_unknown in (
+                ("ICD-10", condition.icd10, match.unknown_icd10),
+                ("SNOMED CT", condition.snomed, match.unknown_snomed),
+            )
+            if is_unknown
+        ]
+        if unknown:
+            gaps.append(
+                not_screened(
+                    subject,
+                    f"{' and '.join(unknown)} not in the knowledge base, so "
+                    "the condition was screened by its other identifiers",
+                )
+            )
+        conditions.append(
+            ScreenedCondition(subject, frozenset(match.conditions))
+        )
+
+    return conditions
