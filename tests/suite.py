@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 
-def run_cli(stack, *arguments: str) -> dict:
+def cli_process(stack, *arguments: str) -> subprocess.CompletedProcess:
     """Run the installed `arxio` command against the test suite."""
     environment = {
         "PATH": str(Path(sys.executable).parent),
@@ -15,7 +15,8 @@ def run_cli(stack, *arguments: str) -> dict:
         "ARXIO_CA_FILE": str(stack.certs_dir / "ca.crt"),
         "ARXIO_OPERATOR_TOKEN": stack.operator_token,
     }
-    completed = subprocess.run(
+
+    return subprocess.run(
         [str(Path(sys.executable).with_name("arxio")), *arguments],
         env=environment,
         capture_output=True,
@@ -23,6 +24,11 @@ def run_cli(stack, *arguments: str) -> dict:
         timeout=60,
         check=False,
     )
+
+
+def run_cli(stack, *arguments: str) -> dict:
+    """Run `arxio`, expect success and return its JSON output."""
+    completed = cli_process(stack, *arguments)
     assert completed.returncode == 0, completed.stderr
 
     return json.loads(completed.stdout)

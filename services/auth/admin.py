@@ -2,9 +2,11 @@
 internal account API that the billing service calls."""
 
 import datetime
+import ipaddress
 import uuid
 
 import grpc
+import structlog
 from arxio.auth.v1 import (
     keys_pb2,
     keys_pb2_grpc,
@@ -27,12 +29,21 @@ from services.common.identity import (
 )
 from services.common.plans import plan_name, plan_value
 
+log = structlog.get_logger()
+PLAN_VALUES = frozenset(
+    value
+    for value in organization_pb2.Organization.Plan.values()
+    if value != organization_pb2.Organization.PLAN_UNSPECIFIED
+)
+
 Scope = keys_pb2.ApiKey.Scope
 ALL_SCOPES = tuple(
     name for name in Scope.keys() if name != "SCOPE_UNSPECIFIED"
 )
 DEFAULT_GRACE = datetime.timedelta(hours=24)
+MAX_GRACE = datetime.timedelta(days=7)
 MAX_NAME_LENGTH = 200
+MAX_ALLOWLIST_RANGES = 100
 
 
 def _timestamp(value: datetime.datetime | None) -> timestamp_pb2.Timestamp:
@@ -52,6 +63,7 @@ def organization_message(
         plan=plan_value(row.plan),
         state=organization_pb2.Organization.State.Value(row.state.upper()),
         create_time=_timestamp(row.create_time),
+        ip_allowlist=row.ip_allowlist,
     )
 
 
@@ -204,23 +216,34 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
             await abort(
                 context,
                 grpc.StatusCode.NOT_FOUND,
-                f"key {request.key_id!r} not found in this organization",
+                f"key {request.key_id[:64]!r} not found in this organization",
+            )
+        now = datetime.datetime.now(datetime.UTC)
+        if old.expire_time is not None and old.expire_time <= now:
+            await abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"key {old.key_id} has expired: create a new key instead",
             )
         grace = DEFAULT_GRACE
         if request.HasField("grace_period"):
             grace = request.grace_period.ToTimedelta()
-            if grace < datetime.timedelta(0):
+            if not datetime.timedelta(0) <= grace <= MAX_GRACE:
                 await abort_invalid(
                     context,
-                    [FieldViolation("gracePeriod", "must not be negative")],
+                    [
+                        FieldViolation(
+                            "gracePeriod",
+                            "must be 0s to 604800s (7 days), got "
+                            f"{int(grace.total_seconds())}s",
+                        )
+                    ],
                 )
         # The new key exists before the old one stops: no downtime.
         created = await issue_key(
             self._store, org_id, old.name, list(old.scopes), old.expire_time
         )
-        await self._store.expire_key(
-            org_id, old.key_id, datetime.datetime.now(datetime.UTC) + grace
-        )
+        await self._store.expire_key(org_id, old.key_id, now + grace)
 
         return created
 
@@ -285,6 +308,88 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
 
         return response
 
+    async def _organization(self, context, org_id: str) -> OrganizationRow:
+        if not _valid_uuid(org_id):
+            await abort_invalid(
+                context, [FieldViolation("orgId", "must be a UUID")]
+            )
+        row = await self._store.get_organization(org_id)
+        if row is None:
+            await abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"organization {org_id} not found: list organizations with "
+                "`arxio orgs list`",
+            )
+
+        return row
+
+    async def _update(self, context, org_id: str, **changes):
+        await self._organization(context, org_id)
+        row = await self._store.update_organization(org_id, **changes)
+        if row is None:
+            await abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"organization {org_id} not found",
+            )
+        log.info(
+            "auth.organization_updated",
+            org_id=org_id,
+            changed=sorted(changes),
+        )
+
+        return organization_message(row)
+
+    async def GetOrganization(self, request, context):
+        await self._require_operator(context)
+
+        return organization_message(
+            await self._organization(context, request.org_id)
+        )
+
+    async def SuspendOrganization(self, request, context):
+        await self._require_operator(context)
+
+        return await self._update(context, request.org_id, state="suspended")
+
+    async def ReactivateOrganization(self, request, context):
+        await self._require_operator(context)
+
+        return await self._update(context, request.org_id, state="active")
+
+    async def SetOrganizationPlan(self, request, context):
+        await self._require_operator(context)
+        if request.plan not in PLAN_VALUES:
+            await abort_invalid(
+                context,
+                [
+                    FieldViolation(
+                        "plan", "missing: use FREE, PRO or ENTERPRISE"
+                    )
+                ],
+            )
+
+        return await self._update(
+            context, request.org_id, plan=plan_name(request.plan)
+        )
+
+    async def SetIpAllowlist(self, request, context):
+        await self._require_operator(context)
+        ranges, violations = parse_allowlist(list(request.cidrs))
+        if violations:
+            await abort_invalid(context, violations)
+        row = await self._organization(context, request.org_id)
+        if ranges and row.plan != "enterprise":
+            await abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"organization {row.org_id} is on the {row.plan} plan: IP "
+                "allowlists need the enterprise plan",
+            )
+
+        return await self._update(context, row.org_id, ip_allowlist=ranges)
+
     async def CreateOrganizationKey(self, request, context):
         await self._require_operator(context)
         violations = _name_violations(request.name, "name")
@@ -310,6 +415,40 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
             request.name,
             scopes or list(ALL_SCOPES),
         )
+
+
+def parse_allowlist(
+    cidrs: list[str],
+) -> tuple[list[str], list[FieldViolation]]:
+    """Return the normalized ranges of an allowlist, or its violations."""
+    if len(cidrs) > MAX_ALLOWLIST_RANGES:
+        return [], [
+            FieldViolation(
+                "cidrs",
+                f"at most {MAX_ALLOWLIST_RANGES} ranges allowed, "
+                f"got {len(cidrs)}",
+            )
+        ]
+    ranges, violations = [], []
+    for index, cidr in enumerate(cidrs):
+        field = f"cidrs[{index}]"
+        try:
+            network = ipaddress.ip_network(cidr.strip())
+        except ValueError as error:
+            reason = str(error)
+            if "host bits set" in reason:
+                network = ipaddress.ip_network(cidr.strip(), strict=False)
+                reason = f"has host bits set: use {network}"
+            else:
+                reason = (
+                    f"{cidr[:64]!r} is not an IPv4 or IPv6 range: use CIDR "
+                    "notation such as 203.0.113.0/24 or 2001:db8::/32"
+                )
+            violations.append(FieldViolation(field, reason))
+            continue
+        ranges.append(str(network))
+
+    return sorted(set(ranges)), violations
 
 
 def _parse_day(value: str, field: str) -> datetime.date:

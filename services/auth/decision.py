@@ -1,26 +1,30 @@
 """The auth decision Envoy asks for on every request (ext_authz).
 
-Order of checks: the RPC must exist; operator methods need the operator
-token; every other method needs a well-formed, known, unexpired key of an
-active organization with the method's scope; then the organization's daily
-quota is counted. Requests rejected before the key is known count for no
-organization.
+Order of checks: no credential may travel in the URL; the RPC must exist;
+operator methods need the operator token; every other method needs a
+well-formed, known, unexpired key of an active organization, called from
+inside its IP allowlist if it has one, with the method's scope; then the
+organization's daily quota is counted. Requests rejected before the key is
+known count for no organization.
 """
 
 import datetime
 import hashlib
+import ipaddress
 import json
 import secrets
+import urllib.parse
 from dataclasses import dataclass, field
 
 import grpc
 import structlog
 
 from services.auth import keys
-from services.auth.store import AuthStore, Credential
+from services.auth.store import AuthStore, Credential, IPNetwork
 from services.common import methods
 from services.common.errors import HTTP_STATUS_OF_CODE
 from services.common.identity import (
+    CLIENT_ADDRESS_HEADER,
     KEY_ID_HEADER,
     ORG_ID_HEADER,
     SCOPES_HEADER,
@@ -30,6 +34,10 @@ from services.common.plans import plan_limits
 log = structlog.get_logger()
 
 PRINCIPAL_HEADER = "x-arxio-principal"
+# Query parameters that carry a credential when a client puts one in a URL.
+_CREDENTIAL_PARAMETERS = frozenset(
+    {"api_key", "apikey", "api-key", "key", "x-api-key", "token"}
+)
 API_KEY_HEADER = "x-api-key"
 AUTHORIZATION_HEADER = "authorization"
 # Headers the auth decision owns: a client's own values never pass.
@@ -95,6 +103,33 @@ def _rate_limit_headers(
     }
 
 
+def _credential_in_query(path: str) -> bool:
+    """Tell whether a URL's query carries an API key or a named credential."""
+    _, _, query = path.partition("?")
+    if not query:
+        return False
+    for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        if name.lower() in _CREDENTIAL_PARAMETERS:
+            return True
+        if keys.PREFIX in value or keys.PREFIX in name:
+            return True
+
+    return False
+
+
+def _address_allowed(address: str, allowlist: tuple[IPNetwork, ...]) -> bool:
+    """Tell whether a client address falls in any range of an allowlist."""
+    try:
+        client = ipaddress.ip_address(address.strip())
+    except ValueError:
+        # No address the edge vouches for: fail closed.
+        return False
+    if isinstance(client, ipaddress.IPv6Address) and client.ipv4_mapped:
+        client = client.ipv4_mapped
+
+    return any(client in network for network in allowlist)
+
+
 def _deny(code: grpc.StatusCode, message: str, **metadata: str) -> Decision:
     return Decision(False, code, message, metadata=metadata)
 
@@ -111,6 +146,13 @@ class AuthDecider:
         self._clock = clock
 
     async def decide(self, facts: RequestFacts) -> Decision:
+        if _credential_in_query(facts.path):
+            return _deny(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "API keys are accepted only in the X-API-Key header, never "
+                "in the URL: a key sent in a URL may be stored by proxies "
+                "and browsers, so revoke it and create a new one",
+            )
         method = methods.find_method(facts.http_method, facts.path)
         if method is None:
             return _deny(
@@ -186,6 +228,18 @@ class AuthDecider:
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"organization {credential.org_id} is suspended: "
                 "contact the operator of this deployment",
+                **identity,
+            )
+        if credential.ip_allowlist and not _address_allowed(
+            facts.headers.get(CLIENT_ADDRESS_HEADER, ""),
+            credential.ip_allowlist,
+        ):
+            address = facts.headers.get(CLIENT_ADDRESS_HEADER, "") or "?"
+            return _deny(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"client address {address[:64]} is outside the IP allowlist "
+                f"of organization {credential.org_id}: call from an allowed "
+                "network or ask the operator to extend the list",
                 **identity,
             )
         if method.scope not in credential.scopes:

@@ -1,12 +1,14 @@
 """Queries of the auth schema: organizations, API keys, daily usage."""
 
 import datetime
+import ipaddress
 import uuid
 from dataclasses import dataclass
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Stands for "unlimited" in the quota statement, so it needs no branch.
 _NO_LIMIT = 2**62
 
@@ -18,6 +20,7 @@ class OrganizationRow:
     plan: str
     state: str
     create_time: datetime.datetime
+    ip_allowlist: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -40,12 +43,19 @@ class Credential:
     scopes: frozenset[str]
     plan: str
     org_state: str
+    ip_allowlist: tuple[IPNetwork, ...]
 
 
-_ORG_COLUMNS = "org_id::text, name, plan, state, create_time"
+_ORG_COLUMNS = (
+    "org_id::text, name, plan, state, create_time, ip_allowlist::text[]"
+)
 _KEY_COLUMNS = (
     "key_id, org_id::text, name, scopes, create_time, expire_time, revoke_time"
 )
+
+
+def _organization_row(row) -> OrganizationRow:
+    return OrganizationRow(*row[:5], ip_allowlist=tuple(row[5]))
 
 
 def _key_row(row) -> KeyRow:
@@ -71,7 +81,7 @@ class AuthStore:
                 await session.execute(
                     text(
                         "SELECT k.key_id, k.org_id::text, k.scopes, o.plan,"
-                        " o.state FROM auth.api_keys k"
+                        " o.state, o.ip_allowlist::text[] FROM auth.api_keys k"
                         " JOIN auth.organizations o USING (org_id)"
                         " WHERE k.key_sha256 = :digest"
                         " AND k.revoke_time IS NULL"
@@ -83,7 +93,14 @@ class AuthStore:
         if row is None:
             return None
 
-        return Credential(row[0], row[1], frozenset(row[2]), row[3], row[4])
+        return Credential(
+            key_id=row[0],
+            org_id=row[1],
+            scopes=frozenset(row[2]),
+            plan=row[3],
+            org_state=row[4],
+            ip_allowlist=tuple(ipaddress.ip_network(cidr) for cidr in row[5]),
+        )
 
     async def count_request(
         self, org_id: str, day: datetime.date, limit: int | None
@@ -131,7 +148,7 @@ class AuthStore:
                 )
             ).one()
 
-        return OrganizationRow(*row)
+        return _organization_row(row)
 
     async def get_organization(self, org_id: str) -> OrganizationRow | None:
         async with self._sessions() as session:
@@ -145,7 +162,33 @@ class AuthStore:
                 )
             ).first()
 
-        return None if row is None else OrganizationRow(*row)
+        return None if row is None else _organization_row(row)
+
+    async def update_organization(
+        self, org_id: str, **changes: str | list[str]
+    ) -> OrganizationRow | None:
+        """Set the given columns (state, plan or ip_allowlist) of one row."""
+        assignments = {
+            "state": "state = :state",
+            "plan": "plan = :plan",
+            "ip_allowlist": "ip_allowlist = CAST(:ip_allowlist AS cidr[])",
+        }
+        unknown = set(changes) - set(assignments)
+        if unknown or not changes:
+            raise ValueError(f"cannot update organization columns {unknown}")
+        assignment = ", ".join(assignments[column] for column in changes)
+        async with self._sessions.begin() as session:
+            row = (
+                await session.execute(
+                    text(
+                        f"UPDATE auth.organizations SET {assignment}"
+                        f" WHERE org_id = :org_id RETURNING {_ORG_COLUMNS}"
+                    ),
+                    {"org_id": org_id, **changes},
+                )
+            ).first()
+
+        return None if row is None else _organization_row(row)
 
     async def list_organizations(
         self, limit: int, after: tuple[datetime.datetime, str] | None
@@ -164,7 +207,7 @@ class AuthStore:
                 parameters,
             )
 
-            return [OrganizationRow(*row) for row in rows]
+            return [_organization_row(row) for row in rows]
 
     async def insert_key(
         self,

@@ -20,6 +20,7 @@ from arxio.auth.v1 import (
     organization_pb2,
 )
 from google.protobuf import json_format
+from google.rpc import error_details_pb2, status_pb2
 
 CHECKOUT_RUN_DIR = Path(__file__).resolve().parents[2] / ".run"
 DEADLINE = 10.0
@@ -94,6 +95,57 @@ def _list_orgs(stub, args) -> dict:
     return _to_json(reply)
 
 
+def _get_org(stub, args) -> dict:
+    return _to_json(
+        stub.GetOrganization(
+            operator_pb2.GetOrganizationRequest(org_id=args.org), **args.call
+        )
+    )
+
+
+def _suspend_org(stub, args) -> dict:
+    return _to_json(
+        stub.SuspendOrganization(
+            operator_pb2.SuspendOrganizationRequest(org_id=args.org),
+            **args.call,
+        )
+    )
+
+
+def _reactivate_org(stub, args) -> dict:
+    return _to_json(
+        stub.ReactivateOrganization(
+            operator_pb2.ReactivateOrganizationRequest(org_id=args.org),
+            **args.call,
+        )
+    )
+
+
+def _set_plan(stub, args) -> dict:
+    return _to_json(
+        stub.SetOrganizationPlan(
+            operator_pb2.SetOrganizationPlanRequest(
+                org_id=args.org,
+                plan=organization_pb2.Organization.Plan.Value(
+                    args.plan.upper()
+                ),
+            ),
+            **args.call,
+        )
+    )
+
+
+def _set_allowlist(stub, args) -> dict:
+    return _to_json(
+        stub.SetIpAllowlist(
+            operator_pb2.SetIpAllowlistRequest(
+                org_id=args.org, cidrs=args.cidr
+            ),
+            **args.call,
+        )
+    )
+
+
 def _create_key(stub, args) -> dict:
     reply = stub.CreateOrganizationKey(
         operator_pb2.CreateOrganizationKeyRequest(
@@ -108,6 +160,25 @@ def _create_key(stub, args) -> dict:
     )
 
     return {"apiKey": reply.api_key, **_to_json(reply.key)}
+
+
+def field_violations(error: grpc.RpcError) -> list[tuple[str, str]]:
+    """Return the field violations in an error's google.rpc.Status."""
+    trailers = dict(error.trailing_metadata() or ())
+    raw = trailers.get("grpc-status-details-bin")
+    if not raw:
+        return []
+    status = status_pb2.Status.FromString(raw)
+    violations = []
+    for detail in status.details:
+        bad_request = error_details_pb2.BadRequest()
+        if detail.Unpack(bad_request):
+            violations += [
+                (violation.field, violation.description)
+                for violation in bad_request.field_violations
+            ]
+
+    return violations
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,6 +197,36 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--page-size", type=int, default=0)
     listing.add_argument("--page-token", default="")
     listing.set_defaults(run=_list_orgs)
+    for command, run, text in (
+        ("get", _get_org, "show one organization"),
+        ("suspend", _suspend_org, "suspend an organization: its keys get 403"),
+        ("reactivate", _reactivate_org, "reactivate a suspended organization"),
+    ):
+        org_command = orgs_commands.add_parser(command, help=text)
+        org_command.add_argument(
+            "--org", required=True, help="organization id"
+        )
+        org_command.set_defaults(run=run)
+    set_plan = orgs_commands.add_parser(
+        "set-plan", help="change an organization's plan (next request on)"
+    )
+    set_plan.add_argument("--org", required=True, help="organization id")
+    set_plan.add_argument("--plan", required=True, choices=PLANS)
+    set_plan.set_defaults(run=_set_plan)
+    set_allowlist = orgs_commands.add_parser(
+        "set-allowlist",
+        help="replace an Enterprise organization's IP allowlist; without "
+        "--cidr, remove it",
+    )
+    set_allowlist.add_argument("--org", required=True, help="organization id")
+    set_allowlist.add_argument(
+        "--cidr",
+        action="append",
+        default=[],
+        help="an IPv4 or IPv6 range such as 203.0.113.0/24; repeat for "
+        "several",
+    )
+    set_allowlist.set_defaults(run=_set_allowlist)
 
     keys = commands.add_parser("keys", help="manage API keys")
     keys_commands = keys.add_subparsers(dest="command", required=True)
@@ -168,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             f"(edge {edge_address()})",
             file=sys.stderr,
         )
+        for field, description in field_violations(error):
+            print(f"arxio: {field}: {description}", file=sys.stderr)
         return 1
     json.dump(output, sys.stdout, indent=2)
     sys.stdout.write("\n")

@@ -11,6 +11,9 @@ KEY_ID_HEADER = "x-api-key-id"
 REQUEST_ID_HEADER = "x-request-id"
 # Scopes of the calling key, comma-separated.
 SCOPES_HEADER = "x-api-key-scopes"
+# The client address as the edge determined it, after its trusted proxy
+# hops. The edge overwrites any value a client sends.
+CLIENT_ADDRESS_HEADER = "x-arxio-client-address"
 
 
 def metadata_value(context: grpc.aio.ServicerContext, name: str) -> str:

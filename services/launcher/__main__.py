@@ -24,6 +24,9 @@ def settings_from_env(env: Environment) -> StackSettings:
         },
         ollama_host=env.optional("OLLAMA_HOST"),
         model=env.text("ARXIO_MODEL", "gemma3:270m"),
+        trusted_hops=env.integer(
+            "ARXIO_TRUSTED_PROXY_HOPS", 0, minimum=0, maximum=10
+        ),
     )
 
 

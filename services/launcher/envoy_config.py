@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from services.common import methods
+from services.common.identity import CLIENT_ADDRESS_HEADER
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "envoy" / "envoy.yaml.tmpl"
 UPSTREAMS = ("auth", "cds", "audit", "billing")
@@ -67,7 +68,8 @@ class EdgeSettings:
     admin_port: int
     certs_dir: Path
     descriptor: Path
-    upstreams: dict[str, Upstream]
+    # Each service's replicas; Envoy balances requests across them.
+    upstreams: dict[str, tuple[Upstream, ...]]
     edge_address: str = "127.0.0.1"
     # STATIC for addresses, STRICT_DNS for Kubernetes service names.
     cluster_type: str = "STATIC"
@@ -229,7 +231,9 @@ def transcoded_services() -> list[str]:
     )
 
 
-def _cluster(name: str, upstream: Upstream, settings: EdgeSettings) -> dict:
+def _cluster(
+    name: str, replicas: tuple[Upstream, ...], settings: EdgeSettings
+) -> dict:
     certs = settings.certs_dir
 
     return {
@@ -258,6 +262,7 @@ def _cluster(name: str, upstream: Upstream, settings: EdgeSettings) -> dict:
                                 }
                             }
                         }
+                        for upstream in replicas
                     ]
                 }
             ],
@@ -357,8 +362,18 @@ def render(settings: EdgeSettings) -> dict:
     mutations = filters["envoy.filters.http.header_mutation"]["typed_config"]
     # The transcoder turns every REST method into POST; the audit trail
     # records the method as the client sent it.
+    # The auth decision checks IP allowlists against the client address
+    # after the trusted proxy hops (xff_num_trusted_hops), which the
+    # DOWNSTREAM_REMOTE_ADDRESS operator gives; a client-sent copy of the
+    # header is overwritten.
     mutations["mutations"]["request_mutations"] = [
-        {"append": _header_option(ORIGINAL_METHOD_HEADER, "%REQ(:METHOD)%")}
+        {"append": _header_option(ORIGINAL_METHOD_HEADER, "%REQ(:METHOD)%")},
+        {
+            "append": _header_option(
+                CLIENT_ADDRESS_HEADER,
+                "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+            )
+        },
     ]
     mutations["mutations"]["response_mutations"] = [
         {"append": _header_option(name, value)}

@@ -7,8 +7,11 @@ folder.
 """
 
 import hashlib
+import os
 import secrets
+import signal
 import sys
+import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +62,12 @@ class StackSettings:
     model_dir: Path | None = None
     # Write each child's output to run_dir/logs instead of stderr.
     log_to_files: bool = False
+    # Proxies in front of the edge whose X-Forwarded-For entries are trusted
+    # to name the client address (Envoy's xff_num_trusted_hops).
+    trusted_hops: int = 0
+    # Processes per service behind the edge, for services that need more
+    # than one; the rest run one each.
+    replicas: dict[str, int] = field(default_factory=dict)
 
 
 def ensure_operator_token(run_dir: Path) -> str:
@@ -73,7 +82,8 @@ def ensure_operator_token(run_dir: Path) -> str:
     return token
 
 
-def _grpc_serving(address: str, certs: Path) -> bool:
+def health_status(address: str, certs: Path, service: str = "") -> int:
+    """Ask a service's gRPC health endpoint, with the edge's certificate."""
     credentials = grpc.ssl_channel_credentials(
         root_certificates=(certs / "ca.crt").read_bytes(),
         private_key=(certs / "envoy.key").read_bytes(),
@@ -81,10 +91,25 @@ def _grpc_serving(address: str, certs: Path) -> bool:
     )
     with grpc.secure_channel(address, credentials) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(), timeout=1
+            health_pb2.HealthCheckRequest(service=service), timeout=1
         )
 
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
+    return reply.status
+
+
+def _grpc_serving(address: str, certs: Path) -> bool:
+    return (
+        health_status(address, certs) == health_pb2.HealthCheckResponse.SERVING
+    )
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+
+    return True
 
 
 def _http_ok(url: str) -> bool:
@@ -101,6 +126,8 @@ class Stack:
         self.certs_dir = self.run_dir / "certs"
         self.children: list[ChildProcess] = []
         self.ports: dict[str, int] = {}
+        # Every replica's port per service; ports[name] is the first one.
+        self.replica_ports: dict[str, list[int]] = {}
         self.admin_database_url = ""
         self.database_urls: dict[str, str] = {}
         self.ollama_host = ""
@@ -161,10 +188,12 @@ class Stack:
             environment,
         )
 
-    def _service_environment(self, name: str) -> dict[str, str]:
+    def _service_environment(
+        self, name: str, port: int | None = None
+    ) -> dict[str, str]:
         environment = base_environment() | {
             "ARXIO_HOST": "127.0.0.1",
-            "ARXIO_PORT": str(self.ports[name]),
+            "ARXIO_PORT": str(port or self.ports[name]),
             "ARXIO_TLS_CA": str(self.certs_dir / "ca.crt"),
             "ARXIO_TLS_CERT": str(self.certs_dir / f"{name}.crt"),
             "ARXIO_TLS_KEY": str(self.certs_dir / f"{name}.key"),
@@ -198,9 +227,13 @@ class Stack:
             certs_dir=self.certs_dir,
             descriptor=DESCRIPTOR,
             upstreams={
-                name: Upstream("127.0.0.1", self.ports[name])
+                name: tuple(
+                    Upstream("127.0.0.1", port)
+                    for port in self.replica_ports[name]
+                )
                 for name in UPSTREAMS
             },
+            trusted_hops=self.settings.trusted_hops,
         )
 
     def start(self) -> "Stack":
@@ -223,17 +256,20 @@ class Stack:
         model = self._start_model_runtime()
         self._start_database()
         for name in UPSTREAMS:
-            self.ports[name] = free_port()
+            count = settings.replicas.get(name, 1)
+            self.replica_ports[name] = [free_port() for _ in range(count)]
+            self.ports[name] = self.replica_ports[name][0]
         self.ports["edge"] = settings.edge_port or free_port()
         self.ports["envoy_admin"] = free_port()
-        services = {
-            name: self._child(
-                name,
-                [sys.executable, "-m", f"services.{name}"],
-                self._service_environment(name),
-            )
-            for name in UPSTREAMS
-        }
+        services = {}
+        for name in UPSTREAMS:
+            for index, port in enumerate(self.replica_ports[name]):
+                child_name = name if index == 0 else f"{name}-{index + 1}"
+                services[port] = self._child(
+                    child_name,
+                    [sys.executable, "-m", f"services.{name}"],
+                    self._service_environment(name, port),
+                )
         if model is not None:
             wait_until(
                 model,
@@ -241,8 +277,8 @@ class Stack:
                 START_TIMEOUT,
                 "serving",
             )
-        for name, child in services.items():
-            address = f"127.0.0.1:{self.ports[name]}"
+        for port, child in services.items():
+            address = f"127.0.0.1:{port}"
             wait_until(
                 child,
                 lambda address=address: _grpc_serving(address, self.certs_dir),
@@ -266,6 +302,27 @@ class Stack:
         admin = f"http://127.0.0.1:{self.ports['envoy_admin']}/ready"
         wait_until(envoy, lambda: _http_ok(admin), START_TIMEOUT, "ready")
         log.info("stack.ready", edge_port=self.ports["edge"])
+
+    def stop_database(self) -> None:
+        """Stop the embedded PostgreSQL server and keep its data."""
+        if self._postgres is None:
+            raise RuntimeError("the database is external: stop it yourself")
+        pid = self._postgres.get_pid()
+        # SIGINT is PostgreSQL's fast shutdown: it ends open sessions.
+        os.kill(pid, signal.SIGINT)
+        deadline = time.monotonic() + START_TIMEOUT
+        while _process_alive(pid):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"PostgreSQL {pid} did not stop")
+            time.sleep(0.1)
+        log.info("postgres.stopped", pid=pid)
+
+    def start_database(self) -> None:
+        """Start the embedded PostgreSQL server again, on the same socket."""
+        if self._postgres is None:
+            raise RuntimeError("the database is external: start it yourself")
+        self._postgres.ensure_postgres_running()
+        log.info("postgres.started", pid=self._postgres.get_pid())
 
     def child(self, name: str) -> ChildProcess:
         return next(child for child in self.children if child.name == name)

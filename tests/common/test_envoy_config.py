@@ -25,7 +25,7 @@ def settings(certs: Path) -> EdgeSettings:
         certs_dir=certs,
         descriptor=DESCRIPTOR,
         upstreams={
-            name: Upstream("127.0.0.1", 50051 + index)
+            name: (Upstream("127.0.0.1", 50051 + index),)
             for index, name in enumerate(UPSTREAMS)
         },
     )
