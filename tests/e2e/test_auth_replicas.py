@@ -17,7 +17,7 @@ import pytest
 from services.launcher.processes import free_port
 from services.launcher.stack import REPO_ROOT, Stack, StackSettings
 from tests.edge import EdgeClient
-from tests.suite import Organization
+from tests.suite import Organization, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -30,7 +30,8 @@ RULES_ONLY = {
 
 @pytest.fixture(scope="module")
 def replicated_stack():
-    """A suite with two auth replicas and no model behind it."""
+    """A suite with two auth replicas and no model behind it, behind one
+    trusted proxy."""
     run_dir = Path(tempfile.mkdtemp(prefix="test-", dir=REPO_ROOT / ".run"))
     run_dir.chmod(0o755)
     settings = StackSettings(
@@ -39,6 +40,7 @@ def replicated_stack():
         log_to_files=True,
         ollama_host=f"http://127.0.0.1:{free_port()}",
         replicas={"auth": 2},
+        trusted_hops=1,
     )
     running = Stack(settings).start()
     yield running
@@ -147,3 +149,41 @@ class TestQuotaRace:
             for r in responses
             if r.status == 429
         )
+
+
+class TestTrustedProxy:
+    """With one trusted hop, the client is the last X-Forwarded-For entry."""
+
+    def _allowlisted(self, stack) -> str:
+        org = Organization(stack, "enterprise")
+        run_cli(
+            stack,
+            "orgs",
+            "set-allowlist",
+            "--org",
+            org.org_id,
+            "--cidr",
+            "203.0.113.0/24",
+        )
+
+        return org.api_key
+
+    @pytest.mark.parametrize(
+        ("forwarded", "status"),
+        [
+            ("203.0.113.9", 200),
+            ("10.9.9.9, 203.0.113.9", 200),
+            ("203.0.113.9, 10.9.9.9", 403),
+            (None, 403),
+        ],
+    )
+    def test_allowlist_uses_forwarded_client(
+        self, replicated_stack, edge, forwarded, status
+    ):
+        headers = {"x-api-key": self._allowlisted(replicated_stack)}
+        if forwarded is not None:
+            headers["x-forwarded-for"] = forwarded
+
+        response = edge.request("POST", REVIEW_PATH, RULES_ONLY, headers)
+
+        assert status == response.status, response.body
