@@ -27,6 +27,7 @@ def stack():
         log_to_files=True,
         model_dir=RUN_ROOT / "models",
         model_timeout=40.0,
+        checkpoint_seconds=1.0,
     )
     running = Stack(settings).start()
     yield running

@@ -1,22 +1,27 @@
-"""Turn Envoy's HTTP access-log entries into audit rows.
+"""Turn the edge's JSON access-log lines into audit rows.
 
-A row holds ids, the route and the outcome, never a header value other than
-the ones listed here, and never a body, so no PHI and no key reaches it.
+The edge writes one JSON object per request (see `ACCESS_LOG_FORMAT` in
+services/launcher/envoy_config.py). A row holds ids, the route and the
+outcome: never a header value other than the ones listed there, never a
+query string and never a body, so no PHI and no key reaches it.
 """
 
 import datetime
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
-
-from envoy.config.core.v3 import base_pb2
-from envoy.data.accesslog.v3 import accesslog_pb2
 
 from services.common import methods
 from services.common.errors import HTTP_STATUS_OF_CODE
 
-EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
 # Action of requests that matched no API method.
 UNROUTED_ACTION = "edge.unrouted"
+MAX_ENDPOINT_LENGTH = 2048
+MAX_REQUEST_ID_LENGTH = 200
+
+
+class InvalidLogLine(ValueError):
+    """An access-log line that does not describe a request."""
 
 
 @dataclass(frozen=True)
@@ -36,69 +41,71 @@ class AuditRow:
     client_address: str
 
 
-def _grpc_status(entry: accesslog_pb2.HTTPAccessLogEntry) -> int | None:
-    response = entry.response
-    for source in (response.response_trailers, response.response_headers):
-        value = source.get("grpc-status")
-        if value is not None and value.isdigit():
-            return int(value)
+def _text(line: Mapping, name: str) -> str:
+    """Return a field as text; Envoy writes "-" or null for unset values."""
+    value = line.get(name)
+    if value is None or value == "-":
+        return ""
 
-    return None
-
-
-def _duration_ms(common: accesslog_pb2.AccessLogCommon) -> int:
-    if common.HasField("duration"):
-        return common.duration.ToMilliseconds()
-
-    return common.time_to_last_downstream_tx_byte.ToMilliseconds()
+    return str(value)
 
 
-def audit_row(entry: accesslog_pb2.HTTPAccessLogEntry) -> AuditRow | None:
-    """Build the row of one entry; None for an entry with no request id."""
-    common = entry.common_properties
-    request = entry.request
-    if not request.request_id:
+def _integer(line: Mapping, name: str) -> int | None:
+    text = _text(line, name)
+    if not text:
         return None
-    # The edge records the method before transcoding; see envoy_config.py.
-    http_method = request.request_headers.get(
-        "x-arxio-original-method"
-    ) or base_pb2.RequestMethod.Name(request.request_method)
-    endpoint = (request.original_path or request.path).split("?", 1)[0]
-    authz = common.metadata.filter_metadata.get(EXT_AUTHZ_NAMESPACE)
-    decided = dict(authz.fields) if authz is not None else {}
+    try:
+        return int(text)
+    except ValueError:
+        raise InvalidLogLine(f"{name} {text[:32]!r} is not a number") from None
 
-    def decided_text(name: str) -> str:
-        value = decided.get(name)
-        return value.string_value if value is not None else ""
 
+def _time(line: Mapping) -> datetime.datetime:
+    text = _text(line, "time")
+    try:
+        return datetime.datetime.strptime(
+            text, "%Y-%m-%dT%H:%M:%S.%fZ"
+        ).replace(tzinfo=datetime.UTC)
+    except ValueError:
+        raise InvalidLogLine(f"time {text[:40]!r} is not RFC 3339") from None
+
+
+def audit_row(line: Mapping) -> AuditRow:
+    """Build the row of one access-log line, or raise InvalidLogLine."""
+    request_id = _text(line, "request_id")
+    if not request_id:
+        raise InvalidLogLine("the line has no request id")
+    http_method = _text(line, "method")
+    endpoint = _text(line, "path").split("?", 1)[0]
     method = methods.find_method(http_method, endpoint)
-    action = decided_text("action") or (
+    action = _text(line, "action") or (
         method.action if method else UNROUTED_ACTION
     )
-    resource_type = decided_text("resource_type") or (
+    resource_type = _text(line, "resource_type") or (
         method.resource_type if method else ""
     )
-    status_code = entry.response.response_code.value
-    grpc_status = _grpc_status(entry)
-    is_grpc = request.request_headers.get("content-type", "").startswith(
-        "application/grpc"
-    )
-    if is_grpc and grpc_status is not None:
-        # gRPC answers HTTP 200 even on errors: the outcome is grpc-status.
+    status_code = _integer(line, "status") or 0
+    grpc_status = _integer(line, "grpc_status")
+    if not _text(line, "content_type").startswith("application/grpc"):
+        # A REST client got an HTTP status only: Envoy's number here is
+        # derived from it, not sent by a service.
+        grpc_status = None
+    elif grpc_status is not None:
+        # gRPC answers HTTP 200 even on errors: grpc-status decides.
         status_code = HTTP_STATUS_OF_CODE.get(grpc_status, 500)
 
     return AuditRow(
         event_id=uuid.uuid4(),
-        time=common.start_time.ToDatetime(datetime.UTC),
-        org_id=decided_text("org_id") or None,
-        key_id=decided_text("key_id") or None,
+        time=_time(line),
+        org_id=_text(line, "org_id") or None,
+        key_id=_text(line, "key_id") or None,
         action=action,
         resource_type=resource_type,
         method=http_method,
-        endpoint=endpoint[:2048],
+        endpoint=endpoint[:MAX_ENDPOINT_LENGTH],
         status_code=status_code,
         grpc_status=grpc_status,
-        response_time_ms=_duration_ms(common),
-        request_id=request.request_id[:200],
-        client_address=common.downstream_remote_address.socket_address.address,
+        response_time_ms=_integer(line, "duration_ms") or 0,
+        request_id=request_id[:MAX_REQUEST_ID_LENGTH],
+        client_address=_text(line, "client"),
     )

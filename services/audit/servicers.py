@@ -1,109 +1,177 @@
-"""The access-log receiver Envoy streams to, and the audit query API."""
+"""The audit query API: list, read, verify and export an organization's
+trail, and the operator's verification of any chain."""
 
-import time
+import datetime
+import json
 import uuid
+from collections.abc import Mapping
 
 import grpc
-import structlog
 from arxio.audit.v1 import audit_pb2, audit_pb2_grpc
-from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PublicKey,
+)
+from google.api import httpbody_pb2
 from google.protobuf import timestamp_pb2
-from sqlalchemy.exc import SQLAlchemyError
 
-from services.audit.entries import AuditRow, audit_row
-from services.audit.store import AuditStore
+from services.audit import chain
+from services.audit.store import AuditStore, EventFilter
 from services.common import pagination
 from services.common.errors import FieldViolation, abort, abort_invalid
-from services.common.identity import caller_org_id
-
-log = structlog.get_logger()
+from services.common.identity import (
+    PRINCIPAL_HEADER,
+    caller_org_id,
+    metadata_value,
+)
 
 MAX_ACTION_LENGTH = 200
+MAX_KEY_ID_LENGTH = 64
+NDJSON = "application/x-ndjson"
+# Entries per chunk of an export stream.
+EXPORT_CHUNK = 500
 
 
-class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
-    """Receive Envoy's access log and insert one row per request."""
-
-    def __init__(self, store: AuditStore) -> None:
-        self._store = store
-
-    async def StreamAccessLogs(self, request_iterator, context):
-        stream_id = uuid.uuid4().hex[:12]
-        log.info("access_log.stream_opened", stream_id=stream_id)
-        received = 0
-        async for message in request_iterator:
-            rows = [
-                row
-                for row in map(audit_row, message.http_logs.log_entry)
-                if row is not None
-            ]
-            started = time.perf_counter()
-            try:
-                await self._store.insert(rows)
-            except SQLAlchemyError as error:
-                # Ending the stream makes Envoy reconnect; entries it sends
-                # meanwhile are lost, which the audit design has to cover.
-                log.error(
-                    "access_log.insert_failed",
-                    stream_id=stream_id,
-                    rows=len(rows),
-                    error=type(error).__name__,
-                    sqlstate=getattr(error.orig, "sqlstate", None),
-                )
-                await context.abort(
-                    grpc.StatusCode.UNAVAILABLE, "audit database unavailable"
-                )
-            received += len(rows)
-            log.info(
-                "access_log.batch_inserted",
-                stream_id=stream_id,
-                rows=len(rows),
-                duration_ms=round((time.perf_counter() - started) * 1000, 2),
-            )
-        log.info(
-            "access_log.stream_closed", stream_id=stream_id, rows=received
-        )
-
-        return als_pb2.StreamAccessLogsResponse()
-
-
-def event_message(row: AuditRow) -> audit_pb2.AuditEvent:
+def event_message(entry: chain.Entry) -> audit_pb2.AuditEvent:
     stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(row.time)
+    stamp.FromDatetime(entry.time)
     event = audit_pb2.AuditEvent(
-        event_id=str(row.event_id),
+        event_id=str(entry.event_id),
         time=stamp,
-        org_id=row.org_id or "",
-        key_id=row.key_id or "",
-        action=row.action,
-        resource_type=row.resource_type,
-        method=row.method,
-        endpoint=row.endpoint,
-        status_code=row.status_code,
-        response_time_ms=row.response_time_ms,
-        request_id=row.request_id,
-        client_address=row.client_address,
+        org_id=entry.org_id or "",
+        key_id=entry.key_id or "",
+        action=entry.action,
+        resource_type=entry.resource_type,
+        method=entry.method,
+        endpoint=entry.endpoint,
+        status_code=entry.status_code,
+        response_time_ms=entry.response_time_ms,
+        request_id=entry.request_id,
+        client_address=entry.client_address,
     )
-    if row.grpc_status is not None:
-        event.grpc_status = row.grpc_status
+    if entry.grpc_status is not None:
+        event.grpc_status = entry.grpc_status
 
     return event
 
 
+def verification_message(
+    result: chain.Verification,
+) -> audit_pb2.AuditVerification:
+    return audit_pb2.AuditVerification(
+        chain_id=str(result.chain_id),
+        intact=result.intact,
+        entries_checked=result.entries_checked,
+        checkpoints_checked=result.checkpoints_checked,
+        first_seq=result.first_seq,
+        last_seq=result.last_seq,
+        problems=[
+            audit_pb2.AuditVerification.Problem(
+                kind=problem.kind,
+                seq=problem.seq,
+                event_id=problem.event_id,
+                message=problem.message,
+            )
+            for problem in result.problems
+        ],
+    )
+
+
+def public_key_lines(keys: Mapping[str, Ed25519PublicKey]) -> list[dict]:
+    return [
+        {
+            "type": "public_key",
+            "public_key_id": key_id,
+            "pem": key.public_bytes(
+                serialization.Encoding.PEM,
+                serialization.PublicFormat.SubjectPublicKeyInfo,
+            ).decode(),
+        }
+        for key_id, key in sorted(keys.items())
+    ]
+
+
+async def verify_stored_chain(
+    store: AuditStore,
+    chain_id: uuid.UUID,
+    keys: Mapping[str, Ed25519PublicKey],
+) -> chain.Verification:
+    entries = [entry async for entry in store.chain_entries(chain_id)]
+
+    return chain.verify_chain(
+        chain_id,
+        entries,
+        await store.checkpoints(chain_id),
+        keys,
+        last_removed_seq=await store.last_removed_seq(chain_id),
+    )
+
+
+async def _caller(context) -> str:
+    org_id = caller_org_id(context)
+    try:
+        uuid.UUID(org_id)
+    except ValueError:
+        await abort(
+            context,
+            grpc.StatusCode.UNAUTHENTICATED,
+            "no organization on the request: call through the edge",
+        )
+
+    return org_id
+
+
+def _time(stamp: timestamp_pb2.Timestamp) -> datetime.datetime:
+    return stamp.ToDatetime(datetime.UTC)
+
+
+async def _filters(context, request) -> EventFilter:
+    violations = []
+    if len(request.action) > MAX_ACTION_LENGTH:
+        violations.append(
+            FieldViolation("action", f"at most {MAX_ACTION_LENGTH} characters")
+        )
+    if len(request.key_id) > MAX_KEY_ID_LENGTH:
+        violations.append(
+            FieldViolation("keyId", f"at most {MAX_KEY_ID_LENGTH} characters")
+        )
+    if request.status_code and not 100 <= request.status_code <= 599:
+        violations.append(
+            FieldViolation(
+                "statusCode",
+                "must be an HTTP status, 100 to 599, got "
+                f"{request.status_code}",
+            )
+        )
+    start = (
+        _time(request.start_time) if request.HasField("start_time") else None
+    )
+    end = _time(request.end_time) if request.HasField("end_time") else None
+    if start is not None and end is not None and start >= end:
+        violations.append(
+            FieldViolation("endTime", "must be later than startTime")
+        )
+    if violations:
+        await abort_invalid(context, violations)
+
+    return EventFilter(
+        start_time=start,
+        end_time=end,
+        action=request.action,
+        status_code=request.status_code,
+        key_id=request.key_id,
+    )
+
+
 class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
-    def __init__(self, store: AuditStore) -> None:
+    def __init__(
+        self, store: AuditStore, keys: Mapping[str, Ed25519PublicKey]
+    ) -> None:
         self._store = store
+        self._keys = keys
 
     async def ListAuditEvents(self, request, context):
-        org_id = caller_org_id(context)
-        try:
-            uuid.UUID(org_id)
-        except ValueError:
-            await abort(
-                context,
-                grpc.StatusCode.UNAUTHENTICATED,
-                "no organization on the request: call through the edge",
-            )
+        org_id = await _caller(context)
         violations = []
         try:
             size = pagination.page_size(request.page_size)
@@ -113,25 +181,98 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             before = pagination.decode_token(request.page_token)
         except pagination.InvalidPageToken as error:
             violations.append(FieldViolation("pageToken", str(error)))
-        if len(request.action) > MAX_ACTION_LENGTH:
-            violations.append(
-                FieldViolation(
-                    "action", f"at most {MAX_ACTION_LENGTH} characters"
-                )
-            )
         if violations:
             await abort_invalid(context, violations)
+        filters = await _filters(context, request)
 
-        rows = await self._store.list_events(
-            org_id, size + 1, before, request.action
+        entries = await self._store.list_events(
+            org_id, size + 1, before, filters
         )
         response = audit_pb2.ListAuditEventsResponse(
-            audit_events=[event_message(row) for row in rows[:size]]
+            audit_events=[event_message(entry) for entry in entries[:size]]
         )
-        if len(rows) > size:
-            last = rows[size - 1]
+        if len(entries) > size:
+            last = entries[size - 1]
             response.next_page_token = pagination.encode_token(
                 last.time, str(last.event_id)
             )
 
         return response
+
+    async def GetAuditEvent(self, request, context):
+        org_id = await _caller(context)
+        entry = None
+        try:
+            event_id = uuid.UUID(request.event_id)
+        except ValueError:
+            event_id = None
+        if event_id is not None:
+            entry = await self._store.get_event(org_id, event_id)
+        if entry is None:
+            await abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"audit event {request.event_id[:64]!r} not found in this "
+                "organization",
+            )
+
+        return event_message(entry)
+
+    async def VerifyAuditTrail(self, request, context):
+        org_id = await _caller(context)
+        result = await verify_stored_chain(
+            self._store, uuid.UUID(org_id), self._keys
+        )
+
+        return verification_message(result)
+
+    async def ExportAuditTrail(self, request, context):
+        org_id = await _caller(context)
+        chain_id = uuid.UUID(org_id)
+        lines: list[str] = []
+        header = {
+            "type": "export",
+            "chain_id": org_id,
+            "last_removed_seq": await self._store.last_removed_seq(chain_id),
+        }
+        lines.append(json.dumps(header))
+        async for entry in self._store.chain_entries(chain_id):
+            lines.append(json.dumps({"type": "entry", **entry.to_json()}))
+            if len(lines) >= EXPORT_CHUNK:
+                yield _ndjson(lines)
+                lines = []
+        for point in await self._store.checkpoints(chain_id):
+            lines.append(json.dumps({"type": "checkpoint", **point.to_json()}))
+        lines += [json.dumps(line) for line in public_key_lines(self._keys)]
+        yield _ndjson(lines)
+
+
+def _ndjson(lines: list[str]) -> httpbody_pb2.HttpBody:
+    return httpbody_pb2.HttpBody(
+        content_type=NDJSON, data=("\n".join(lines) + "\n").encode()
+    )
+
+
+class AuditOperatorServicer(audit_pb2_grpc.AuditOperatorServiceServicer):
+    def __init__(
+        self, store: AuditStore, keys: Mapping[str, Ed25519PublicKey]
+    ) -> None:
+        self._store = store
+        self._keys = keys
+
+    async def VerifyOrganizationAuditTrail(self, request, context):
+        if metadata_value(context, PRINCIPAL_HEADER) != "operator":
+            await abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                "operator credential required",
+            )
+        try:
+            chain_id = uuid.UUID(request.org_id)
+        except ValueError:
+            await abort_invalid(
+                context, [FieldViolation("orgId", "must be a UUID")]
+            )
+        result = await verify_stored_chain(self._store, chain_id, self._keys)
+
+        return verification_message(result)

@@ -1,40 +1,71 @@
-"""Writes to and reads of the append-only audit table."""
+"""Reads of the audit trail, and the checkpoints the service signs.
 
-import dataclasses
+Every read runs in a transaction that names one organization's chain
+(`arxio.org_id` or `arxio.chain_id`), so PostgreSQL's row-level security
+limits it to that chain even if a WHERE clause were wrong. Rows are only
+ever inserted: by the ingester, and here, checkpoints.
+"""
+
 import datetime
-from collections.abc import Sequence
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
-import psycopg
-import structlog
 from sqlalchemy import text
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from services.audit.entries import AuditRow
+from services.audit import chain
 
-log = structlog.get_logger()
-
-_COLUMNS = (
-    "event_id, time, org_id, key_id, action, resource_type, method,"
-    " endpoint, status_code, grpc_status, response_time_ms, request_id,"
-    " client_address"
+_ENTRY_COLUMNS = (
+    "event_id, time, chain_id, seq, org_id::text, key_id, action,"
+    " resource_type, method, endpoint, status_code, grpc_status,"
+    " response_time_ms, request_id, client_address, prev_hash, hash"
 )
-_INSERT = text(
-    f"INSERT INTO audit.audit_events ({_COLUMNS}) VALUES (:event_id, :time,"
-    " :org_id, :key_id, :action, :resource_type, :method, :endpoint,"
-    " :status_code, :grpc_status, :response_time_ms, :request_id,"
-    " :client_address)"
+_CHECKPOINT_COLUMNS = (
+    "chain_id, seq, hash, month_end, issue_time, public_key_id, signature"
 )
-_REQUEST_ID_CONSTRAINT = "audit_events_request_id_key"
+# Rows fetched per round trip when a whole chain is read.
+_CHUNK = 5000
 
 
-def _is_duplicate_request_id(error: IntegrityError) -> bool:
-    diagnostic = getattr(error.orig, "diag", None)
+@dataclass(frozen=True)
+class EventFilter:
+    start_time: datetime.datetime | None = None
+    end_time: datetime.datetime | None = None
+    action: str = ""
+    status_code: int = 0
+    key_id: str = ""
 
-    return (
-        isinstance(error.orig, psycopg.errors.UniqueViolation)
-        and diagnostic is not None
-        and diagnostic.constraint_name == _REQUEST_ID_CONSTRAINT
+
+def _entry(row) -> chain.Entry:
+    return chain.Entry(
+        *row[:15], prev_hash=bytes(row[15]), hash=bytes(row[16])
+    )
+
+
+def _checkpoint(row) -> chain.Checkpoint:
+    return chain.Checkpoint(
+        chain_id=row[0],
+        seq=row[1],
+        hash=bytes(row[2]),
+        month_end=row[3],
+        issue_time=row[4],
+        public_key_id=row[5],
+        signature=bytes(row[6]),
+    )
+
+
+async def _scope_to_org(session: AsyncSession, org_id: str) -> None:
+    await session.execute(
+        text("SELECT set_config('arxio.org_id', :org_id, true)"),
+        {"org_id": org_id},
+    )
+
+
+async def _scope_to_chain(session: AsyncSession, chain_id: uuid.UUID) -> None:
+    await session.execute(
+        text("SELECT set_config('arxio.chain_id', :chain_id, true)"),
+        {"chain_id": str(chain_id)},
     )
 
 
@@ -42,77 +73,153 @@ class AuditStore:
     def __init__(self, sessions: async_sessionmaker) -> None:
         self._sessions = sessions
 
-    async def insert(self, rows: Sequence[AuditRow]) -> None:
-        """Insert rows in one transaction; a known request id is skipped.
-
-        ON CONFLICT DO NOTHING would be simpler, but under row-level
-        security PostgreSQL checks it against the SELECT policy, which
-        lets the service's role see no rows outside a query for one org.
-        """
-        if not rows:
-            return
-        values = [dataclasses.asdict(row) for row in rows]
-        try:
-            async with self._sessions.begin() as session:
-                await session.execute(_INSERT, values)
-        except IntegrityError as error:
-            if not _is_duplicate_request_id(error):
-                raise
-            await self._insert_skipping_duplicates(values)
-
-    async def _insert_skipping_duplicates(self, values: list[dict]) -> None:
-        skipped = 0
-        async with self._sessions.begin() as session:
-            for value in values:
-                try:
-                    async with session.begin_nested():
-                        await session.execute(_INSERT, value)
-                except IntegrityError as error:
-                    if not _is_duplicate_request_id(error):
-                        raise
-                    skipped += 1
-        log.info("audit.duplicates_skipped", rows=skipped)
-
     async def list_events(
         self,
         org_id: str,
         limit: int,
         before: tuple[datetime.datetime, str] | None,
-        action: str,
-    ) -> list[AuditRow]:
-        """List an organization's rows, newest first.
-
-        Row-level security limits the query to `org_id` as well, so a
-        mistake in the WHERE clause cannot show another organization's rows.
-        """
-        where = "org_id = :org_id"
+        filters: EventFilter,
+    ) -> list[chain.Entry]:
+        """List an organization's entries, newest first."""
+        where = ["org_id = :org_id"]
         parameters: dict = {"org_id": org_id, "limit": limit}
         if before is not None:
-            where += " AND (time, event_id) < (:time, :event_id)"
-            parameters |= {"time": before[0], "event_id": before[1]}
-        if action:
-            where += " AND action = :action"
-            parameters["action"] = action
+            where.append("(time, event_id) < (:before_time, :before_id)")
+            parameters |= {"before_time": before[0], "before_id": before[1]}
+        if filters.start_time is not None:
+            where.append("time >= :start_time")
+            parameters["start_time"] = filters.start_time
+        if filters.end_time is not None:
+            where.append("time < :end_time")
+            parameters["end_time"] = filters.end_time
+        if filters.action:
+            where.append("action = :action")
+            parameters["action"] = filters.action
+        if filters.status_code:
+            where.append("status_code = :status_code")
+            parameters["status_code"] = filters.status_code
+        if filters.key_id:
+            where.append("key_id = :key_id")
+            parameters["key_id"] = filters.key_id
         async with self._sessions.begin() as session:
-            await session.execute(
-                text("SELECT set_config('arxio.org_id', :org_id, true)"),
-                {"org_id": org_id},
-            )
+            await _scope_to_org(session, org_id)
             rows = await session.execute(
                 text(
-                    f"SELECT {_COLUMNS} FROM audit.audit_events"
-                    f" WHERE {where} ORDER BY time DESC, event_id DESC"
-                    " LIMIT :limit"
+                    f"SELECT {_ENTRY_COLUMNS} FROM audit.events WHERE "
+                    + " AND ".join(where)
+                    + " ORDER BY time DESC, event_id DESC LIMIT :limit"
                 ),
                 parameters,
             )
 
-            return [
-                AuditRow(
-                    row[0],
-                    row[1],
-                    str(row[2]) if row[2] is not None else None,
-                    *row[3:],
+            return [_entry(row) for row in rows]
+
+    async def get_event(
+        self, org_id: str, event_id: uuid.UUID
+    ) -> chain.Entry | None:
+        async with self._sessions.begin() as session:
+            await _scope_to_org(session, org_id)
+            row = (
+                await session.execute(
+                    text(
+                        f"SELECT {_ENTRY_COLUMNS} FROM audit.events"
+                        " WHERE org_id = :org_id AND event_id = :event_id"
+                    ),
+                    {"org_id": org_id, "event_id": event_id},
                 )
-                for row in rows
+            ).first()
+
+        return None if row is None else _entry(row)
+
+    async def chain_entries(
+        self, chain_id: uuid.UUID, after_seq: int = 0
+    ) -> AsyncIterator[chain.Entry]:
+        """Yield a chain's entries after `after_seq`, in chain order."""
+        last = after_seq
+        while True:
+            async with self._sessions.begin() as session:
+                await _scope_to_chain(session, chain_id)
+                rows = (
+                    await session.execute(
+                        text(
+                            f"SELECT {_ENTRY_COLUMNS} FROM audit.events"
+                            " WHERE chain_id = :chain AND seq > :after"
+                            " ORDER BY seq, time LIMIT :limit"
+                        ),
+                        {"chain": chain_id, "after": last, "limit": _CHUNK},
+                    )
+                ).all()
+            for row in rows:
+                yield _entry(row)
+            if len(rows) < _CHUNK:
+                return
+            last = rows[-1][3]
+
+    async def checkpoints(self, chain_id: uuid.UUID) -> list[chain.Checkpoint]:
+        async with self._sessions() as session:
+            rows = await session.execute(
+                text(
+                    f"SELECT {_CHECKPOINT_COLUMNS} FROM audit.checkpoints"
+                    " WHERE chain_id = :chain ORDER BY seq"
+                ),
+                {"chain": chain_id},
+            )
+
+            return [_checkpoint(row) for row in rows]
+
+    async def last_removed_seq(self, chain_id: uuid.UUID) -> int:
+        async with self._sessions() as session:
+            value = (
+                await session.execute(
+                    text(
+                        "SELECT max(last_removed_seq) FROM"
+                        " audit.retention_cuts WHERE chain_id = :chain"
+                    ),
+                    {"chain": chain_id},
+                )
+            ).scalar()
+
+        return value or 0
+
+    async def chain_heads(self) -> list[tuple[uuid.UUID, int, bytes, int]]:
+        """Return each chain's head and its newest checkpoint's seq."""
+        async with self._sessions() as session:
+            rows = await session.execute(
+                text(
+                    "SELECT chain_id, seq, hash, checkpoint_seq"
+                    " FROM audit.chain_heads()"
+                )
+            )
+
+            return [
+                (row[0], row[1], bytes(row[2]), row[3] or 0) for row in rows
             ]
+
+    async def month_ends_to_sign(
+        self, month_start: datetime.date
+    ) -> list[tuple[uuid.UUID, int, bytes]]:
+        """Return each chain's last entry before `month_start` that no
+        checkpoint covers yet."""
+        async with self._sessions() as session:
+            rows = await session.execute(
+                text(
+                    "SELECT chain_id, seq, hash FROM"
+                    " audit.month_end_heads(:month_start)"
+                ),
+                {"month_start": month_start},
+            )
+
+            return [(row[0], row[1], bytes(row[2])) for row in rows]
+
+    async def insert_checkpoint(self, point: chain.Checkpoint) -> None:
+        async with self._sessions.begin() as session:
+            await session.execute(
+                text(
+                    "INSERT INTO audit.checkpoints (chain_id, seq, hash,"
+                    " month_end, issue_time, public_key_id, signature)"
+                    " VALUES (:chain_id, :seq, :hash, :month_end,"
+                    " :issue_time, :public_key_id, :signature)"
+                    " ON CONFLICT (chain_id, seq) DO NOTHING"
+                ),
+                point.__dict__,
+            )

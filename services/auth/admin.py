@@ -18,11 +18,11 @@ from arxio.internal.v1 import accounts_pb2, accounts_pb2_grpc
 from google.protobuf import timestamp_pb2
 
 from services.auth import keys
-from services.auth.decision import PRINCIPAL_HEADER
 from services.auth.store import AuthStore, KeyRow, OrganizationRow
 from services.common import pagination
 from services.common.errors import FieldViolation, abort, abort_invalid
 from services.common.identity import (
+    PRINCIPAL_HEADER,
     SCOPES_HEADER,
     caller_org_id,
     metadata_value,

@@ -27,13 +27,13 @@ from services.common.identity import (
     CLIENT_ADDRESS_HEADER,
     KEY_ID_HEADER,
     ORG_ID_HEADER,
+    PRINCIPAL_HEADER,
     SCOPES_HEADER,
 )
 from services.common.plans import plan_limits
 
 log = structlog.get_logger()
 
-PRINCIPAL_HEADER = "x-arxio-principal"
 # Query parameters that carry a credential when a client puts one in a URL.
 _CREDENTIAL_PARAMETERS = frozenset(
     {"api_key", "apikey", "api-key", "key", "x-api-key", "token"}

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import grpc
+from arxio.audit.v1 import audit_pb2, audit_pb2_grpc
 from arxio.auth.v1 import (
     keys_pb2,
     operator_pb2,
@@ -21,6 +22,8 @@ from arxio.auth.v1 import (
 )
 from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
+
+from services.audit import chain
 
 CHECKOUT_RUN_DIR = Path(__file__).resolve().parents[2] / ".run"
 DEADLINE = 10.0
@@ -34,6 +37,14 @@ SCOPES = tuple(
 
 class CliError(Exception):
     pass
+
+
+class TrailNotIntact(Exception):
+    """An audit verification that found problems; its report is output."""
+
+    def __init__(self, report: dict) -> None:
+        super().__init__("the audit trail is not intact")
+        self.report = report
 
 
 def operator_token() -> str:
@@ -146,6 +157,48 @@ def _set_allowlist(stub, args) -> dict:
     )
 
 
+def _verify_audit(stub, args) -> dict:
+    result = stub.VerifyOrganizationAuditTrail(
+        audit_pb2.VerifyOrganizationAuditTrailRequest(org_id=args.org),
+        **args.call,
+    )
+    output = json_format.MessageToDict(
+        result, always_print_fields_with_no_presence=True
+    )
+    if not result.intact:
+        raise TrailNotIntact(output)
+
+    return output
+
+
+def _verify_export(args) -> dict:
+    keys = {}
+    for path in args.public_key:
+        try:
+            key = chain.load_public_key(Path(path).read_bytes())
+        except (OSError, ValueError) as error:
+            raise CliError(f"public key {path}: {error}") from None
+        keys[chain.public_key_id(key)] = key
+    try:
+        with open(args.file, encoding="utf-8") as export:
+            result = chain.verify_export(export, keys)
+    except (OSError, ValueError) as error:
+        raise CliError(f"{args.file}: {error}") from None
+    output = {
+        "chainId": str(result.chain_id),
+        "intact": result.intact,
+        "entriesChecked": result.entries_checked,
+        "checkpointsChecked": result.checkpoints_checked,
+        "firstSeq": result.first_seq,
+        "lastSeq": result.last_seq,
+        "problems": [problem.__dict__ for problem in result.problems],
+    }
+    if not result.intact:
+        raise TrailNotIntact(output)
+
+    return output
+
+
 def _create_key(stub, args) -> dict:
     reply = stub.CreateOrganizationKey(
         operator_pb2.CreateOrganizationKeyRequest(
@@ -185,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="arxio", description="Operate an arxio deployment."
     )
+    # Commands without their own stub call the operator API.
+    parser.set_defaults(stub=operator_pb2_grpc.OperatorServiceStub)
     commands = parser.add_subparsers(dest="group", required=True)
 
     orgs = commands.add_parser("orgs", help="manage organizations")
@@ -244,25 +299,62 @@ def build_parser() -> argparse.ArgumentParser:
     )
     create_key.set_defaults(run=_create_key)
 
+    audit = commands.add_parser("audit", help="verify audit trails")
+    audit_commands = audit.add_subparsers(dest="command", required=True)
+    verify = audit_commands.add_parser(
+        "verify",
+        help="recompute an organization's chain against its signed "
+        "checkpoints (exit code 3 when it is not intact)",
+    )
+    verify.add_argument(
+        "--org",
+        required=True,
+        help="organization id, or 00000000-0000-0000-0000-000000000000 for "
+        "requests rejected before their key was known",
+    )
+    verify.set_defaults(
+        run=_verify_audit, stub=audit_pb2_grpc.AuditOperatorServiceStub
+    )
+    verify_export = audit_commands.add_parser(
+        "verify-export",
+        help="verify a file from GET /v1/audit:export offline, with no "
+        "network access (exit code 3 when it is not intact)",
+    )
+    verify_export.add_argument("file", help="the NDJSON export")
+    verify_export.add_argument(
+        "--public-key",
+        action="append",
+        required=True,
+        help="a PEM file of a checkpoint-signing key you trust (make run "
+        "writes .run/audit-signing.pub); repeat for rotated keys",
+    )
+    verify_export.set_defaults(run=_verify_export, stub=None)
+
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.call = {
-            "metadata": [("authorization", f"Bearer {operator_token()}")],
-            "timeout": DEADLINE,
-        }
-        with grpc.secure_channel(
-            edge_address(), channel_credentials()
-        ) as channel:
-            output = args.run(
-                operator_pb2_grpc.OperatorServiceStub(channel), args
-            )
+        if args.stub is None:
+            output = args.run(args)
+        else:
+            args.call = {
+                "metadata": [("authorization", f"Bearer {operator_token()}")],
+                "timeout": DEADLINE,
+            }
+            with grpc.secure_channel(
+                edge_address(), channel_credentials()
+            ) as channel:
+                output = args.run(args.stub(channel), args)
     except CliError as error:
         print(f"arxio: {error}", file=sys.stderr)
         return 2
+    except TrailNotIntact as failure:
+        json.dump(failure.report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        print(f"arxio: {failure}", file=sys.stderr)
+        return 3
     except grpc.RpcError as error:
         print(
             f"arxio: {error.code().name}: {error.details()} "

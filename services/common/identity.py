@@ -14,6 +14,8 @@ SCOPES_HEADER = "x-api-key-scopes"
 # The client address as the edge determined it, after its trusted proxy
 # hops. The edge overwrites any value a client sends.
 CLIENT_ADDRESS_HEADER = "x-arxio-client-address"
+# Who the auth decision authenticated: "api_key" or "operator".
+PRINCIPAL_HEADER = "x-arxio-principal"
 
 
 def metadata_value(context: grpc.aio.ServicerContext, name: str) -> str:

@@ -15,12 +15,15 @@ class InvalidPageToken(ValueError):
 
 def page_size(requested: int) -> int:
     """Apply the default and the maximum to a request's `page_size`."""
-    if requested < 0:
-        raise ValueError("pageSize must not be negative")
+    if not 0 <= requested <= MAX_PAGE_SIZE:
+        raise ValueError(
+            f"must be 0 to {MAX_PAGE_SIZE} (0 means {DEFAULT_PAGE_SIZE}), "
+            f"got {requested}"
+        )
     if requested == 0:
         return DEFAULT_PAGE_SIZE
 
-    return min(requested, MAX_PAGE_SIZE)
+    return requested
 
 
 def encode_token(time: datetime.datetime, identifier: str) -> str:

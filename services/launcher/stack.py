@@ -18,6 +18,10 @@ from pathlib import Path
 
 import grpc
 import structlog
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common import db
@@ -43,6 +47,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DESCRIPTOR = REPO_ROOT / "build" / "api_descriptor.pb"
 LOCAL_MODEL_NAME = "gemma3:270m"
 OPERATOR_TOKEN_FILE = "operator-token"
+AUDIT_SIGNING_KEY_FILE = "audit-signing.key"
 START_TIMEOUT = 90.0
 
 
@@ -65,6 +70,8 @@ class StackSettings:
     # Proxies in front of the edge whose X-Forwarded-For entries are trusted
     # to name the client address (Envoy's xff_num_trusted_hops).
     trusted_hops: int = 0
+    # Seconds between the audit service's checkpoint runs.
+    checkpoint_seconds: float = 60.0
     # Processes per service behind the edge, for services that need more
     # than one; the rest run one each.
     replicas: dict[str, int] = field(default_factory=dict)
@@ -80,6 +87,35 @@ def ensure_operator_token(run_dir: Path) -> str:
     path.write_text(token + "\n")
 
     return token
+
+
+def ensure_audit_signing_key(run_dir: Path) -> Path:
+    """Return the local checkpoint-signing key, creating it if needed.
+
+    The private key (mode 0600) signs audit checkpoints; its public key
+    beside it is what an auditor verifies them with.
+    """
+    path = run_dir / AUDIT_SIGNING_KEY_FILE
+    if path.exists():
+        return path
+    key = Ed25519PrivateKey.generate()
+    path.touch(mode=0o600)
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    path.with_suffix(".pub").write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM,
+            serialization.PublicFormat.SubjectPublicKeyInfo,
+        )
+    )
+    log.info("audit.signing_key_created", path=str(path))
+
+    return path
 
 
 def health_status(address: str, certs: Path, service: str = "") -> int:
@@ -124,6 +160,8 @@ class Stack:
         self.settings = settings
         self.run_dir = settings.run_dir.resolve()
         self.certs_dir = self.run_dir / "certs"
+        # Envoy's JSON access log, which the audit ingester tails.
+        self.access_log_path = self.run_dir / "audit" / "access.log"
         self.children: list[ChildProcess] = []
         self.ports: dict[str, int] = {}
         # Every replica's port per service; ports[name] is the first one.
@@ -213,6 +251,13 @@ class Stack:
                     self.settings.model_timeout
                 ),
             }
+        if name == "audit":
+            environment |= {
+                "ARXIO_AUDIT_SIGNING_KEY": str(self.audit_signing_key),
+                "ARXIO_AUDIT_CHECKPOINT_SECONDS": str(
+                    self.settings.checkpoint_seconds
+                ),
+            }
         if name == "billing":
             environment["ARXIO_AUTH_ADDRESS"] = (
                 f"127.0.0.1:{self.ports['auth']}"
@@ -234,6 +279,7 @@ class Stack:
                 for name in UPSTREAMS
             },
             trusted_hops=self.settings.trusted_hops,
+            access_log_path=self.access_log_path,
         )
 
     def start(self) -> "Stack":
@@ -244,6 +290,7 @@ class Stack:
             )
         ensure_certificates(self.certs_dir)
         self.operator_token = ensure_operator_token(self.run_dir)
+        self.audit_signing_key = ensure_audit_signing_key(self.run_dir)
         try:
             self._start(self.settings)
         except BaseException:
@@ -285,6 +332,16 @@ class Stack:
                 START_TIMEOUT,
                 "serving",
             )
+        self.access_log_path.parent.mkdir(exist_ok=True)
+        self._child(
+            "audit-ingest",
+            [sys.executable, "-m", "services.audit.ingest"],
+            base_environment()
+            | {
+                "DATABASE_URL": self.database_urls["audit"],
+                "ARXIO_AUDIT_LOG_FILE": str(self.access_log_path),
+            },
+        )
         config_path = self.run_dir / "envoy.yaml"
         config_path.write_text(render_text(self.edge_settings()))
         envoy = self._child(
@@ -294,6 +351,10 @@ class Stack:
                 "--config-path",
                 str(config_path),
                 "--disable-hot-restart",
+                # Access-log lines reach the file, and so the audit
+                # ingester, within this interval.
+                "--file-flush-interval-msec",
+                "200",
                 "--log-level",
                 "warning",
             ],

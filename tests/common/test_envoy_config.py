@@ -28,6 +28,7 @@ def settings(certs: Path) -> EdgeSettings:
             name: (Upstream("127.0.0.1", 50051 + index),)
             for index, name in enumerate(UPSTREAMS)
         },
+        access_log_path=certs.parent / "access.log",
     )
 
 

@@ -26,7 +26,7 @@ def stored_rows(stack, request_ids: list[str]) -> dict[str, tuple]:
             rows = connection.execute(
                 "SELECT request_id, org_id::text, key_id, action,"
                 " status_code, grpc_status, method, endpoint"
-                " FROM audit.audit_events WHERE request_id = ANY(%s)",
+                " FROM audit.events WHERE request_id = ANY(%s)",
                 (request_ids,),
             ).fetchall()
             found = {row[0]: row for row in rows}
@@ -184,9 +184,9 @@ class TestImmutability:
         edge.request("POST", REVIEW_PATH, RULES_ONLY)
         with psycopg.connect(stack.database_urls["audit"]) as connection:
             for statement in (
-                "UPDATE audit.audit_events SET status_code = 200",
-                "DELETE FROM audit.audit_events",
-                "TRUNCATE audit.audit_events",
+                "UPDATE audit.events SET status_code = 200",
+                "DELETE FROM audit.events",
+                "TRUNCATE audit.events",
             ):
                 with pytest.raises(psycopg.errors.InsufficientPrivilege):
                     connection.execute(statement)
@@ -199,9 +199,9 @@ class TestImmutability:
         stored_rows(stack, [request_id])
         with psycopg.connect(stack.admin_database_url) as connection:
             for statement in (
-                "UPDATE audit.audit_events SET status_code = 200"
+                "UPDATE audit.events SET status_code = 200"
                 " WHERE request_id = %s",
-                "DELETE FROM audit.audit_events WHERE request_id = %s",
+                "DELETE FROM audit.events WHERE request_id = %s",
             ):
                 with pytest.raises(
                     psycopg.errors.InsufficientPrivilege

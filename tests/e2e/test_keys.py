@@ -1,6 +1,7 @@
 """Key scopes, listing, credentials in URLs and tenancy at the edge."""
 
 import re
+import time
 
 import pytest
 
@@ -109,6 +110,21 @@ class TestCredentialInUrl:
         assert 400 == response.status
 
 
+def newest_event_id(edge, org) -> str:
+    """Make a request as `org` and return its audit event's id."""
+    key = {"x-api-key": org.api_key}
+    edge.request("POST", REVIEW_PATH, RULES_ONLY, key)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        events = edge.request("GET", "/v1/audit?pageSize=1", None, key).json()[
+            "auditEvents"
+        ]
+        if events:
+            return events[0]["eventId"]
+        time.sleep(0.25)
+    raise AssertionError(f"no audit event of {org.org_id} appeared")
+
+
 def _paths_with_ids() -> list:
     """Every customer REST route that names a resource by id."""
     return [
@@ -126,7 +142,10 @@ class TestTenancy:
         """Another organization's ids are not found, whatever the route."""
         owner = new_org()
         intruder = new_org()
-        other_ids = {"key_id": owner.key_id}
+        other_ids = {
+            "key_id": owner.key_id,
+            "event_id": newest_event_id(edge, owner),
+        }
         path = re.sub(
             r"\{([a-z_]+)\}",
             lambda match: other_ids[match.group(1)],

@@ -1,0 +1,312 @@
+"""The chained audit trail: verification catches every change, exports
+verify offline, and queries filter and read single entries."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.e2e.test_audit import stored_rows
+from tests.suite import cli_process
+
+pytestmark = pytest.mark.e2e
+
+REVIEW_PATH = "/v1/cds/clinical-review"
+RULES_ONLY = {
+    "medications": [{"name": "metformin"}],
+    "options": {"modelReview": False},
+}
+WAIT = 30.0
+
+
+def send_reviews(edge, org, count: int) -> list[str]:
+    """Send reviews; return their request ids, in order."""
+    key = {"x-api-key": org.api_key}
+
+    return [
+        edge.request("POST", REVIEW_PATH, RULES_ONLY, key).headers[
+            "x-request-id"
+        ]
+        for _ in range(count)
+    ]
+
+
+def wait_for_checkpoint_at_head(stack, org_id: str) -> int:
+    """Wait until a signed checkpoint covers the chain's newest entry."""
+    deadline = time.monotonic() + WAIT
+    with psycopg.connect(stack.admin_database_url) as connection:
+        while True:
+            head, signed = connection.execute(
+                "SELECT (SELECT max(seq) FROM audit.events"
+                " WHERE chain_id = %(chain)s),"
+                " (SELECT max(seq) FROM audit.checkpoints"
+                " WHERE chain_id = %(chain)s)",
+                {"chain": org_id},
+            ).fetchone()
+            if head is not None and head == signed:
+                return head
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no checkpoint at head {head}")
+            time.sleep(0.25)
+            connection.commit()
+
+
+def tamper(stack, statement: str, *parameters) -> None:
+    """Run a statement as the database superuser, triggers disabled."""
+    with psycopg.connect(stack.admin_database_url) as connection:
+        connection.execute("SET session_replication_role = replica")
+        connection.execute(statement, parameters)
+
+
+def seq_of(stack, request_id: str) -> int:
+    with psycopg.connect(stack.admin_database_url) as connection:
+        return connection.execute(
+            "SELECT seq FROM audit.events WHERE request_id = %s",
+            (request_id,),
+        ).fetchone()[0]
+
+
+def cli_verify(stack, org_id: str) -> tuple[int, dict]:
+    completed = cli_process(stack, "audit", "verify", "--org", org_id)
+
+    return completed.returncode, json.loads(completed.stdout or "{}")
+
+
+@pytest.fixture
+def trail(stack, edge, new_org):
+    """An organization with six stored, checkpointed entries."""
+    org = new_org()
+    request_ids = send_reviews(edge, org, 6)
+    stored_rows(stack, request_ids)
+    wait_for_checkpoint_at_head(stack, org.org_id)
+
+    return org, request_ids
+
+
+class TestVerification:
+    def test_intact_trail_verifies(self, stack, edge, trail):
+        org, _ = trail
+
+        code, report = cli_verify(stack, org.org_id)
+        own = edge.request(
+            "GET", "/v1/audit:verify", None, {"x-api-key": org.api_key}
+        )
+
+        assert 0 == code, report
+        assert report["intact"]
+        assert int(report["entriesChecked"]) >= 6
+        assert 200 == own.status, own.body
+        assert own.json()["intact"]
+
+    def test_altered_row_named(self, stack, trail):
+        org, request_ids = trail
+        tamper(
+            stack,
+            "UPDATE audit.events SET status_code = 500 WHERE request_id = %s",
+            request_ids[2],
+        )
+
+        code, report = cli_verify(stack, org.org_id)
+
+        assert 3 == code
+        first = report["problems"][0]
+        assert "altered" == first["kind"]
+        assert seq_of(stack, request_ids[2]) == int(first["seq"])
+
+    def test_deleted_row_named(self, stack, trail):
+        org, request_ids = trail
+        deleted_seq = seq_of(stack, request_ids[3])
+        tamper(
+            stack,
+            "DELETE FROM audit.events WHERE request_id = %s",
+            request_ids[3],
+        )
+
+        code, report = cli_verify(stack, org.org_id)
+
+        assert 3 == code
+        first = report["problems"][0]
+        assert "deleted" == first["kind"]
+        assert deleted_seq == int(first["seq"])
+
+    def test_deleted_newest_caught_by_checkpoint(self, stack, trail):
+        org, request_ids = trail
+        first_removed = seq_of(stack, request_ids[4])
+        tamper(
+            stack,
+            "DELETE FROM audit.events WHERE request_id = ANY(%s)",
+            request_ids[4:],
+        )
+
+        code, report = cli_verify(stack, org.org_id)
+
+        assert 3 == code
+        first = report["problems"][0]
+        assert "deleted" == first["kind"]
+        assert first_removed == int(first["seq"])
+        assert "checkpoint" in first["message"]
+
+    def test_inserted_row_named(self, stack, trail):
+        """A copy of an entry under a new request id repeats its seq."""
+        org, request_ids = trail
+        tamper(
+            stack,
+            "INSERT INTO audit.events SELECT gen_random_uuid(), time,"
+            " chain_id, seq, org_id, key_id, action, resource_type, method,"
+            " endpoint, status_code, grpc_status, response_time_ms,"
+            " request_id || '-copy', client_address, prev_hash, hash,"
+            " ingest_time FROM audit.events WHERE request_id = %s",
+            request_ids[1],
+        )
+
+        code, report = cli_verify(stack, org.org_id)
+
+        assert 3 == code
+        assert "inserted" in {p["kind"] for p in report["problems"]}
+
+
+class TestExport:
+    def test_export_verifies_offline(self, stack, edge, trail, tmp_path):
+        org, _ = trail
+        response = edge.request(
+            "GET", "/v1/audit:export", None, {"x-api-key": org.api_key}
+        )
+        assert 200 == response.status, response.body
+        assert response.headers["content-type"].startswith(
+            "application/x-ndjson"
+        )
+        export = tmp_path / "trail.ndjson"
+        export.write_bytes(response.body)
+
+        completed = subprocess.run(
+            [
+                str(Path(sys.executable).with_name("arxio")),
+                "audit",
+                "verify-export",
+                str(export),
+                "--public-key",
+                str(stack.run_dir / "audit-signing.pub"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            # Offline: no edge address, no credential.
+            env={"PATH": "/usr/bin:/bin"},
+        )
+
+        assert 0 == completed.returncode, completed.stderr
+        report = json.loads(completed.stdout)
+        assert report["intact"]
+        assert report["checkpointsChecked"] >= 1
+
+    def test_edited_export_fails(self, stack, edge, trail, tmp_path):
+        org, _ = trail
+        body = edge.request(
+            "GET", "/v1/audit:export", None, {"x-api-key": org.api_key}
+        ).body.decode()
+        lines = body.splitlines()
+        entry = json.loads(lines[2])
+        entry["status_code"] = 201
+        lines[2] = json.dumps(entry)
+        export = tmp_path / "trail.ndjson"
+        export.write_text("\n".join(lines) + "\n")
+
+        completed = subprocess.run(
+            [
+                str(Path(sys.executable).with_name("arxio")),
+                "audit",
+                "verify-export",
+                str(export),
+                "--public-key",
+                str(stack.run_dir / "audit-signing.pub"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+        assert 3 == completed.returncode
+        assert "altered" == json.loads(completed.stdout)["problems"][0]["kind"]
+
+
+class TestQueries:
+    def test_get_one_event(self, edge, trail):
+        org, _ = trail
+        key = {"x-api-key": org.api_key}
+        [newest] = edge.request(
+            "GET", "/v1/audit?pageSize=1", None, key
+        ).json()["auditEvents"]
+
+        response = edge.request(
+            "GET", f"/v1/audit/{newest['eventId']}", None, key
+        )
+
+        assert 200 == response.status, response.body
+        assert newest == response.json()
+
+    def test_other_orgs_event_is_404(self, edge, trail, new_org):
+        org, _ = trail
+        [event] = edge.request(
+            "GET", "/v1/audit?pageSize=1", None, {"x-api-key": org.api_key}
+        ).json()["auditEvents"]
+        other = new_org()
+
+        response = edge.request(
+            "GET",
+            f"/v1/audit/{event['eventId']}",
+            None,
+            {"x-api-key": other.api_key},
+        )
+
+        assert 404 == response.status
+
+    def test_filters(self, edge, trail):
+        org, request_ids = trail
+        key = {"x-api-key": org.api_key}
+        bad = edge.request("POST", REVIEW_PATH, {"question": "x" * 2001}, key)
+        assert 400 == bad.status
+
+        def events(query: str) -> list[dict]:
+            deadline = time.monotonic() + WAIT
+            while True:
+                found = edge.request(
+                    "GET", f"/v1/audit?{query}", None, key
+                ).json()["auditEvents"]
+                if found or time.monotonic() > deadline:
+                    return found
+                time.sleep(0.25)
+
+        rejected = events("statusCode=400")
+        assert [bad.headers["x-request-id"]] == [
+            event["requestId"] for event in rejected
+        ]
+        by_key = events(f"keyId={org.key_id}&action=cds.clinical_review")
+        assert {org.key_id} == {event["keyId"] for event in by_key}
+        start = rejected[0]["time"]
+        after = events(f"startTime={start}")
+        assert all(event["time"] >= start for event in after)
+
+    @pytest.mark.parametrize(
+        ("query", "field"),
+        [
+            ("pageSize=1001", "pageSize"),
+            ("statusCode=42", "statusCode"),
+            (
+                "startTime=2026-12-02T00:00:00Z&endTime=2026-12-01T00:00:00Z",
+                "endTime",
+            ),
+        ],
+    )
+    def test_invalid_filters_rejected(self, edge, new_org, query, field):
+        org = new_org()
+
+        response = edge.request(
+            "GET", f"/v1/audit?{query}", None, {"x-api-key": org.api_key}
+        )
+
+        assert 400 == response.status
+        assert field in response.body.decode()
