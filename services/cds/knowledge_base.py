@@ -325,9 +325,34 @@ def _load(directory: Path) -> KnowledgeBase:
 
 
 def _check_dose_units(limits: tuple[DoseLimit, ...]) -> None:
-    """Reject limits whose amounts cannot be compared with each other."""
+    """Reject limits whose amounts cannot be compared with each other.
+
+    A limit's own amounts must share a dimension, and so must the limits
+    of one drug, because an order without a route is checked against the
+    most permissive of them.
+    """
+    first_by_drug: dict[str, DoseLimit] = {}
     for limit in limits:
-        for amount in (limit.max_daily_per_kg, limit.max_single):
+        first = first_by_drug.setdefault(limit.drug, limit)
+        if (
+            dosing.in_unit(
+                limit.max_daily.value,
+                limit.max_daily.unit,
+                first.max_daily.unit,
+            )
+            is None
+        ):
+            raise ValueError(
+                f"doses.json: {limit.id}: unit {limit.max_daily.unit!r} "
+                f"cannot be compared with {first.id}'s "
+                f"{first.max_daily.unit!r} for the same drug: give both "
+                "limits in one dimension"
+            )
+        for amount in (
+            limit.max_daily_per_kg,
+            limit.max_single,
+            limit.max_weekly,
+        ):
             if amount is None:
                 continue
             if (

@@ -193,7 +193,9 @@ class DoseLimit(Rule):
 
     `routes` are canonical route names; empty means every route. A weight
     based limit applies when the patient's weight is known, as the lower
-    of the two.
+    of the two. `max_weekly` and `max_doses_per_week` bound drugs dosed
+    weekly, such as oral methotrexate, whose daily maximum alone would
+    pass the same dose given every day.
     """
 
     drug: str
@@ -202,6 +204,8 @@ class DoseLimit(Rule):
     max_daily_per_kg: Amount | None
     max_single: Amount | None
     min_age: int
+    max_weekly: Amount | None = None
+    max_doses_per_week: int | None = None
 
 
 def parse_interaction(vocabulary: Vocabulary, raw: Any, position: int):
@@ -480,6 +484,8 @@ def parse_dose_limit(
         "max_daily_per_kg",
         "max_single",
         "min_age",
+        "max_weekly",
+        "max_doses_per_week",
     )
     limit_routes = entry.texts("routes")
     for route in limit_routes:
@@ -491,6 +497,14 @@ def parse_dose_limit(
     single = None
     if "max_single" in entry.data:
         single = _amount(entry, "max_single", units)
+    weekly = None
+    if "max_weekly" in entry.data:
+        weekly = _amount(entry, "max_weekly", units)
+    doses_per_week = None
+    if "max_doses_per_week" in entry.data:
+        doses_per_week = entry.integer("max_doses_per_week")
+        if doses_per_week < 1:
+            entry.fail("max_doses_per_week must be 1 or more")
 
     return DoseLimit(
         id=entry.id,
@@ -500,5 +514,7 @@ def parse_dose_limit(
         max_daily_per_kg=per_kg,
         max_single=single,
         min_age=entry.integer("min_age", default=18),
+        max_weekly=weekly,
+        max_doses_per_week=doses_per_week,
         text=_finding_text(entry),
     )

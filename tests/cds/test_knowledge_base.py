@@ -50,6 +50,28 @@ def _entry(entries: list[dict], entry_id: str) -> dict:
     return next(entry for entry in entries if entry["id"] == entry_id)
 
 
+def _pairs_in_several_rules(kb) -> dict[tuple[str, str], list[str]]:
+    """Return each drug pair that two or more interaction rules cover.
+
+    A pair is unordered, so a rule from A to B and another from B to A
+    cover the same pair. A drug paired with itself is no interaction.
+    """
+    rules_by_pair: dict[tuple[str, str], set[str]] = {}
+    for rule in kb.interactions:
+        for object_drug in rule.object_drugs:
+            for precipitant in rule.precipitant_drugs:
+                if object_drug == precipitant:
+                    continue
+                pair = tuple(sorted((object_drug, precipitant)))
+                rules_by_pair.setdefault(pair, set()).add(rule.id)
+
+    return {
+        pair: sorted(rule_ids)
+        for pair, rule_ids in sorted(rules_by_pair.items())
+        if len(rule_ids) > 1
+    }
+
+
 class TestLoadKnowledgeBase:
     def test_version_comes_from_manifest(self, kb):
         """The knowledge base carries the manifest's version."""
@@ -102,6 +124,35 @@ class TestLoadKnowledgeBase:
         assert kb.class_members("class.nsaid") == rule.precipitant_drugs
         assert "drug.ibuprofen" in rule.precipitant_drugs
         assert "drug.warfarin" in rule.object_drugs
+
+    def test_no_pair_in_two_rules(self, kb):
+        """No drug pair is covered by two interaction rules.
+
+        Two rules on one pair report the same combination twice, so a
+        second effect of a pair belongs in the text of its one rule.
+        """
+        assert {} == _pairs_in_several_rules(kb)
+
+    def test_repeated_pair_is_reported(self, knowledge_copy):
+        """The pair check finds a pair that a second rule repeats."""
+
+        def repeat_pair(data):
+            rule = dict(_entry(data["interactions"], "ddi.digoxin-amiodarone"))
+            rule["id"] = "ddi.amiodarone-digoxin-copy"
+            rule["object"] = {"drugs": ["drug.amiodarone"]}
+            rule["precipitant"] = {"drugs": ["drug.digoxin"]}
+            data["interactions"].append(rule)
+
+        _edit(knowledge_copy, "interactions", repeat_pair)
+
+        repeated = _pairs_in_several_rules(load_knowledge_base(knowledge_copy))
+
+        assert {
+            ("drug.amiodarone", "drug.digoxin"): [
+                "ddi.amiodarone-digoxin-copy",
+                "ddi.digoxin-amiodarone",
+            ]
+        } == repeated
 
     def test_rxnorm_codes_are_numeric(self, kb):
         """Every RxNorm code in the vocabulary is a numeric RXCUI."""
@@ -418,6 +469,17 @@ class TestResolveName:
             ("diltiazem hydrochloride", "drug.diltiazem"),
             ("sertraline HCl", "drug.sertraline"),
             ("esomeprazole magnesium", "drug.esomeprazole"),
+            ("metoprolol tartrate 25 mg", "drug.metoprolol"),
+            ("amlodipine besylate 10 mg", "drug.amlodipine"),
+            ("losartan potassium", "drug.losartan"),
+            ("olmesartan medoxomil", "drug.olmesartan"),
+            ("doxycycline hyclate 100 mg", "drug.doxycycline"),
+            ("hydroxyzine pamoate 25 mg", "drug.hydroxyzine"),
+            ("fluticasone propionate nasal spray", "drug.fluticasone"),
+            ("divalproex sodium DR 500 mg", "drug.valproic-acid"),
+            ("mycophenolate mofetil 500 mg", "drug.mycophenolic-acid"),
+            ("gadoterate meglumine", "drug.gadoterate"),
+            ("buprenorphine hydrochloride", "drug.buprenorphine"),
         ],
     )
     def test_salt_forms_give_the_ingredient(self, kb, name, drug_id):
@@ -451,6 +513,38 @@ class TestResolveName:
                 "lisinopril-HCTZ",
                 ("drug.hydrochlorothiazide", "drug.lisinopril"),
             ),
+            (
+                "Augmentin 875 mg",
+                ("drug.amoxicillin", "drug.clavulanate"),
+            ),
+            (
+                "Advair Diskus 250/50",
+                ("drug.fluticasone", "drug.salmeterol"),
+            ),
+            (
+                "Symbicort 160/4.5 inhaler",
+                ("drug.budesonide", "drug.formoterol"),
+            ),
+            (
+                "Suboxone 8 mg-2 mg film",
+                ("drug.buprenorphine", "drug.naloxone"),
+            ),
+            (
+                "Humulin 70/30",
+                ("drug.insulin-isophane", "drug.insulin-regular"),
+            ),
+            (
+                "Tribenzor 40-10-25",
+                (
+                    "drug.amlodipine",
+                    "drug.hydrochlorothiazide",
+                    "drug.olmesartan",
+                ),
+            ),
+            (
+                "Recarbrio",
+                ("drug.cilastatin", "drug.imipenem", "drug.relebactam"),
+            ),
         ],
     )
     def test_combinations_give_every_ingredient(self, kb, name, drugs):
@@ -465,12 +559,29 @@ class TestResolveName:
             "drug.pseudoephedrine",
         ) == kb.resolve_name("Claritin-D 12 hour").drugs
 
+    @pytest.mark.parametrize(
+        ("name", "drug_id"),
+        [
+            ("Benicar", "drug.olmesartan"),
+            ("Novolin N", "drug.insulin-isophane"),
+            ("Humulin R U-100", "drug.insulin-regular"),
+            ("Seroquel XR 300 mg", "drug.quetiapine"),
+            ("Omnipaque 350", "drug.iohexol"),
+        ],
+    )
+    def test_brand_alone_is_the_ingredient(self, kb, name, drug_id):
+        """A brand with strength or release words gives one ingredient."""
+        match = kb.resolve_name(name)
+
+        assert (drug_id,) == match.drugs
+        assert () == match.unrecognized
+
     def test_unknown_words_are_reported(self, kb):
         """Words that match no drug come back as unrecognized."""
-        match = kb.resolve_name("ibuprofen and famotidine")
+        match = kb.resolve_name("ibuprofen and chamomile")
 
         assert ("drug.ibuprofen",) == match.drugs
-        assert ("famotidine",) == match.unrecognized
+        assert ("chamomile",) == match.unrecognized
 
     def test_unknown_name_gives_nothing(self, kb):
         """A name the vocabulary lacks resolves to no drug."""
@@ -491,11 +602,31 @@ class TestResolveRxnorm:
 
     @pytest.mark.parametrize(
         ("code", "drug_id"),
-        [("11289", "drug.warfarin"), ("6809", "drug.metformin")],
+        [
+            ("11289", "drug.warfarin"),
+            ("6809", "drug.metformin"),
+            ("29046", "drug.lisinopril"),
+            ("1202", "drug.atenolol"),
+            ("1819", "drug.buprenorphine"),
+            ("5489", "drug.hydrocodone"),
+        ],
     )
     def test_well_known_codes(self, kb, code, drug_id):
-        """Warfarin and metformin have their RxNorm ingredient codes."""
+        """Drugs resolve from their RxNorm ingredient codes."""
         assert (drug_id,) == kb.resolve_rxnorm(code)
+
+    def test_every_code_cites_its_source(self, kb):
+        """Each RxNorm code is named, with its source, in the citation."""
+        coded = [
+            entry
+            for entry in [*kb.drugs.values(), *kb.products.values()]
+            if entry.rxnorm
+        ]
+
+        for entry in coded:
+            assert f"RxNorm code {entry.rxnorm} " in entry.source.citation, (
+                entry.id
+            )
 
     def test_product_code_gives_ingredients(self, kb):
         """A combination's code resolves to all of its ingredients."""
@@ -520,6 +651,17 @@ class TestResolveAllergy:
             ("Sulfa drugs", "allergy.sulfonamide-antibiotics"),
             ("cephalosporins", "allergy.cephalosporins"),
             ("NSAIDs", "allergy.nsaids"),
+            ("sulfa allergy", "allergy.sulfonamide-antibiotics"),
+            ("sulfonamide antibiotic", "allergy.sulfonamide-antibiotics"),
+            ("non-steroidal anti-inflammatory drugs", "allergy.nsaids"),
+            ("carbapenems", "allergy.carbapenems"),
+            ("narcotics", "allergy.opioids"),
+            ("opiates", "allergy.opiates"),
+            ("contrast dye", "allergy.iodinated-contrast"),
+            ("IV contrast", "allergy.iodinated-contrast"),
+            ("iodine contrast dye", "allergy.iodinated-contrast"),
+            ("gadolinium", "allergy.gadolinium-contrast"),
+            ("MRI contrast", "allergy.gadolinium-contrast"),
         ],
     )
     def test_class_words_give_the_class(self, kb, substance, allergy_class):
@@ -544,6 +686,25 @@ class TestResolveAllergy:
         assert ("allergy.penicillins",) == match.allergy_classes
         assert ("drug.amoxicillin",) == match.drugs
 
+    @pytest.mark.parametrize("substance", ["iodine", "shellfish"])
+    def test_iodine_is_not_a_contrast_allergy(self, kb, substance):
+        """Iodine and shellfish allergies do not predict contrast reactions."""
+        match = kb.resolve_allergy(substance)
+
+        assert () == match.allergy_classes
+        assert (substance,) == match.unrecognized
+
+    def test_opiate_allergy_gives_both_opioid_classes(self, kb):
+        """Codeine gives the opiate and opioid classes, fentanyl only one."""
+        codeine = kb.resolve_allergy("codeine")
+        fentanyl = kb.resolve_allergy("fentanyl")
+
+        assert (
+            "allergy.opiates",
+            "allergy.opioids",
+        ) == codeine.allergy_classes
+        assert ("allergy.opioids",) == fentanyl.allergy_classes
+
     def test_unknown_substance_is_reported(self, kb):
         """A non-drug allergy matches nothing and is reported."""
         match = kb.resolve_allergy("peanuts")
@@ -551,6 +712,90 @@ class TestResolveAllergy:
         assert () == match.allergy_classes
         assert () == match.drugs
         assert ("peanuts",) == match.unrecognized
+
+
+def _allergy_class(kb, allergy_id: str):
+    return next(c for c in kb.allergy_classes if c.id == allergy_id)
+
+
+def _cross_reactivity(kb, rule_id: str):
+    return next(c for c in kb.cross_reactivities if c.id == rule_id)
+
+
+class TestAllergyClassData:
+    def test_every_opioid_has_a_chemical_class(self, kb):
+        """Each opioid is a phenanthrene or a cross-reactive synthetic."""
+        opiates = _allergy_class(kb, "allergy.opiates").members
+        synthetic = _cross_reactivity(
+            kb, "allergy.opiate-synthetic-opioid-cross-reactivity"
+        ).members
+
+        assert frozenset() == opiates & synthetic
+        assert kb.class_members("class.opioid") == opiates | synthetic
+
+    def test_opioid_severities_are_graded(self, kb):
+        """Severity falls from opiate to any opioid to another class."""
+        opiates = _allergy_class(kb, "allergy.opiates")
+        opioids = _allergy_class(kb, "allergy.opioids")
+        synthetic = _cross_reactivity(
+            kb, "allergy.opiate-synthetic-opioid-cross-reactivity"
+        )
+
+        assert opiates.text.severity > opioids.text.severity
+        assert opioids.text.severity > synthetic.text.severity
+
+    def test_contrast_classes_do_not_overlap(self, kb):
+        """Iodinated and gadolinium-based agents are separate classes."""
+        iodinated = _allergy_class(kb, "allergy.iodinated-contrast").members
+        gadolinium = _allergy_class(kb, "allergy.gadolinium-contrast").members
+
+        assert {
+            "drug.iohexol",
+            "drug.iopamidol",
+            "drug.iodixanol",
+        } <= iodinated
+        assert "drug.gadobutrol" in gadolinium
+        assert frozenset() == iodinated & gadolinium
+
+    def test_sulfa_spares_non_antibiotic_sulfonamides(self, kb):
+        """Loop and thiazide diuretics are not in the sulfa class."""
+        sulfa = _allergy_class(kb, "allergy.sulfonamide-antibiotics").members
+        diuretics = kb.class_members("class.loop-diuretic") | kb.class_members(
+            "class.thiazide-diuretic"
+        )
+
+        assert "drug.furosemide" in diuretics
+        assert frozenset() == sulfa & diuretics
+
+
+@pytest.mark.parametrize(
+    ("class_id", "drug_id"),
+    [
+        ("class.beta-blocker", "drug.metoprolol"),
+        ("class.beta-blocker", "drug.carvedilol"),
+        ("class.calcium-channel-blocker", "drug.amlodipine"),
+        ("class.loop-diuretic", "drug.furosemide"),
+        ("class.thiazide-diuretic", "drug.chlorthalidone"),
+        ("class.potassium-sparing-diuretic", "drug.spironolactone"),
+        ("class.sulfonylurea", "drug.glipizide"),
+        ("class.macrolide", "drug.azithromycin"),
+        ("class.fluoroquinolone", "drug.levofloxacin"),
+        ("class.azole-antifungal", "drug.fluconazole"),
+        ("class.antipsychotic", "drug.quetiapine"),
+        ("class.antipsychotic", "drug.haloperidol"),
+        ("class.carbapenem", "drug.meropenem"),
+        ("class.opioid", "drug.buprenorphine"),
+        ("class.benzodiazepine", "drug.triazolam"),
+        ("class.statin", "drug.pitavastatin"),
+        ("class.snri", "drug.levomilnacipran"),
+        ("class.insulin", "drug.insulin-glargine"),
+        ("class.iodinated-contrast", "drug.iohexol"),
+        ("class.gadolinium-contrast", "drug.gadobutrol"),
+    ],
+)
+def test_drug_belongs_to_class(kb, class_id, drug_id):
+    """Class-level rules reach the drugs that clinicians expect."""
+    assert drug_id in kb.class_members(class_id)
 
 
 class TestNameWords:

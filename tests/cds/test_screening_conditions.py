@@ -127,3 +127,165 @@ class TestAgeLimitedRules:
                 request_of(name, conditions=[condition], **patient), KB
             )
             assert [] == by_rule(result, rule.id)
+
+
+class TestIcd10Prefixes:
+    @pytest.mark.parametrize(
+        ("code", "condition_id"),
+        [
+            ("G70.01", "condition.myasthenia-gravis"),
+            ("g7001", "condition.myasthenia-gravis"),
+            ("K92.2", "condition.gastrointestinal-bleeding"),
+            ("k922", "condition.gastrointestinal-bleeding"),
+            ("I45.81", "condition.long-qt"),
+            ("I47.21", "condition.long-qt"),
+            ("H40.211", "condition.angle-closure-glaucoma"),
+            ("z86.718", "condition.venous-thromboembolism"),
+            ("E87.21", "condition.metabolic-acidosis"),
+            ("G20.A1", "condition.parkinson-disease"),
+            ("g20a1", "condition.parkinson-disease"),
+            ("N18.30", "condition.chronic-kidney-disease"),
+        ],
+    )
+    def test_code_under_prefix_matches(self, code, condition_id):
+        """Dotted, undotted and lower-case codes match their category."""
+        match = KB.resolve_condition("", code, "")
+
+        assert (condition_id,) == match.conditions
+        assert not match.unknown_icd10
+
+    @pytest.mark.parametrize(
+        "code",
+        [
+            "I44.0",  # first-degree AV block
+            "H40.11",  # primary open-angle glaucoma
+            "E87.29",  # other acidosis, including respiratory
+            "M66.0",  # rupture of popliteal cyst
+        ],
+    )
+    def test_sibling_code_outside_prefix_is_unknown(self, code):
+        """A neighboring code that no rule is about does not match."""
+        match = KB.resolve_condition("", code, "")
+
+        assert () == match.conditions
+        assert match.unknown_icd10
+
+    @pytest.mark.parametrize(
+        ("code", "condition_ids"),
+        [
+            (
+                "I13.0",
+                (
+                    "condition.chronic-kidney-disease",
+                    "condition.heart-failure",
+                ),
+            ),
+            (
+                "K25.0",
+                (
+                    "condition.gastrointestinal-bleeding",
+                    "condition.peptic-ulcer-disease",
+                ),
+            ),
+        ],
+    )
+    def test_code_in_two_categories_gives_both(self, code, condition_ids):
+        """A combination code resolves to every condition it names."""
+        assert condition_ids == KB.resolve_condition("", code, "").conditions
+
+
+class TestConditionNames:
+    @pytest.mark.parametrize(
+        ("name", "condition_id"),
+        [
+            ("Mobitz II", "condition.high-grade-av-block"),
+            ("complete heart block", "condition.high-grade-av-block"),
+            ("Alzheimer's disease", "condition.dementia"),
+            ("PARKINSON'S", "condition.parkinson-disease"),
+            ("LQTS", "condition.long-qt"),
+            ("DKA", "condition.metabolic-acidosis"),
+            ("BPH with LUTS", "condition.benign-prostatic-hyperplasia"),
+            ("narrow angle glaucoma", "condition.angle-closure-glaucoma"),
+            ("history of CVA", "condition.stroke-or-tia"),
+            ("hemorrhagic stroke", "condition.intracranial-hemorrhage"),
+            ("s/p AAA repair", "condition.aortic-aneurysm"),
+            ("G6PD deficiency", "condition.g6pd-deficiency"),
+        ],
+    )
+    def test_synonym_resolves(self, name, condition_id):
+        """Abbreviations and synonyms resolve, longest phrase first."""
+        assert (condition_id,) == KB.resolve_condition(name, "", "").conditions
+
+    @pytest.mark.parametrize(
+        "name",
+        [
+            "first degree AV block",
+            "open-angle glaucoma",
+            "respiratory acidosis",
+        ],
+    )
+    def test_milder_variant_does_not_resolve(self, name):
+        """A milder condition is not mistaken for the one a rule names."""
+        assert () == KB.resolve_condition(name, "", "").conditions
+
+    def test_synonym_fires_rule(self):
+        """A condition given by abbreviation fires its rules."""
+        result = screen(
+            request_of("Coreg", conditions=["2nd degree AV block"]), KB
+        )
+
+        [finding] = by_rule(result, "dx.beta-blockers-av-block")
+        assert Finding.CONTRAINDICATED == finding.severity
+
+
+class TestBeersDrugDiseaseAges:
+    def test_beers_rules_start_at_65(self):
+        """Every Beers drug-disease rule applies from 65, no other does."""
+        beers = {
+            rule.id: rule.min_age
+            for rule in KB.condition_rules
+            if rule.source.label == "AGS Beers Criteria 2023"
+        }
+        others = {
+            rule.id: rule.min_age
+            for rule in KB.condition_rules
+            if rule.source.label != "AGS Beers Criteria 2023"
+        }
+
+        assert beers
+        assert {65} == set(beers.values())
+        assert {None} == set(others.values())
+
+    @pytest.mark.parametrize(
+        ("age", "fires"), [(64, False), (65, True), (90, True)]
+    )
+    def test_anticholinergic_in_dementia_from_65(self, age, fires):
+        """Diphenhydramine with dementia is flagged from 65 on."""
+        result = screen(
+            request_of("Benadryl", conditions=["dementia"], age_years=age),
+            KB,
+        )
+
+        findings = by_rule(result, "dx.beers-anticholinergics-dementia")
+        assert fires == bool(findings)
+
+    def test_beers_rule_silent_without_age(self):
+        """Without an age, a rule for older adults does not fire."""
+        result = screen(
+            request_of("Benadryl", conditions=["Alzheimer disease"]), KB
+        )
+
+        assert [] == by_rule(result, "dx.beers-anticholinergics-dementia")
+
+    @pytest.mark.parametrize("patient", [{"age_years": 30}, {}])
+    def test_labeled_contraindication_ignores_age(self, patient):
+        """A labeling contraindication fires at any age, or with none."""
+        result = screen(
+            request_of("Haldol", conditions=["Parkinson disease"], **patient),
+            KB,
+        )
+
+        assert by_rule(result, "dx.haloperidol-parkinson-disease")
+        assert [] == by_rule(
+            result, "dx.beers-dopamine-antagonists-parkinson-disease"
+        )

@@ -1,11 +1,14 @@
-"""Dose checks: single and daily maximums, units, routes and frequency."""
+"""Dose checks: single, daily and weekly maximums, units, routes and
+frequency."""
 
+import json
 import math
 
 import pytest
 from arxio.cds.v1 import cds_pb2
 
 from services.cds import dosing
+from services.cds.knowledge_base import load_knowledge_base
 from services.cds.screening import screen
 from tests.cds.screening_helpers import (
     COMPLETE,
@@ -19,6 +22,8 @@ from tests.cds.screening_helpers import (
 
 ACETAMINOPHEN = "dose.acetaminophen"
 IBUPROFEN = "dose.ibuprofen-oral"
+IBUPROFEN_IV = "dose.ibuprofen-intravenous"
+POTASSIUM = "dose.potassium-chloride"
 
 
 def ordered(
@@ -34,6 +39,12 @@ def ordered(
 
 def gaps_for(result, subject: str) -> list[str]:
     return [g.reason for g in result.not_screened if g.subject == subject]
+
+
+def dose_findings(order: cds_pb2.Medication) -> list[cds_pb2.Finding]:
+    result = screen(request_of(order, **COMPLETE), KB)
+
+    return [f for f in result.findings if f.category == Finding.DOSE]
 
 
 def _limit_order(limit, doses_per_day: int, dose: float):
@@ -62,8 +73,18 @@ def _largest_single(limit) -> float:
     return largest
 
 
+DAILY_LIMITS = [
+    limit
+    for limit in KB.dose_limits
+    if limit.max_weekly is None and limit.max_doses_per_week is None
+]
+WEEKLY_LIMITS = [
+    limit for limit in KB.dose_limits if limit not in DAILY_LIMITS
+]
+
+
 class TestEveryLimit:
-    @pytest.mark.parametrize("limit", rule_params(KB.dose_limits))
+    @pytest.mark.parametrize("limit", rule_params(DAILY_LIMITS))
     def test_at_the_limit_no_finding(self, limit):
         """The most doses a day that stay at the maximum pass."""
         dose = _largest_single(limit)
@@ -75,7 +96,7 @@ class TestEveryLimit:
         assert [] == by_rule(result, limit.id)
         assert [] == gaps_for(result, drug_name(limit.drug))
 
-    @pytest.mark.parametrize("limit", rule_params(KB.dose_limits))
+    @pytest.mark.parametrize("limit", rule_params(DAILY_LIMITS))
     def test_one_more_dose_a_day_fires(self, limit):
         """One dose a day beyond the maximum gives a dose finding."""
         dose = _largest_single(limit)
@@ -106,6 +127,98 @@ class TestEveryLimit:
 
         [finding] = by_rule(result, limit.id)
         assert "single dose" in finding.detail
+
+
+def _weekly_order(limit, doses_per_week: int, dose: float):
+    """Order `dose` spread evenly over the week, as an hourly interval."""
+    route = limit.routes[0] if limit.routes else ""
+
+    return ordered(
+        drug_name(limit.drug),
+        dose,
+        limit.max_daily.unit,
+        f"every {168 / doses_per_week:g} hours",
+        route,
+    )
+
+
+def _weekly_plan(limit) -> tuple[float, int]:
+    """The largest dose and the most doses a week that pass the limit."""
+    dose = _largest_single(limit)
+    doses_per_week = limit.max_doses_per_week or 7
+    if limit.max_weekly is not None:
+        weekly = dosing.in_unit(
+            limit.max_weekly.value, limit.max_weekly.unit, limit.max_daily.unit
+        )
+        dose = min(dose, weekly)
+        doses_per_week = min(doses_per_week, math.floor(weekly / dose))
+
+    return dose, max(1, doses_per_week)
+
+
+class TestWeeklyLimits:
+    @pytest.mark.parametrize("limit", rule_params(WEEKLY_LIMITS))
+    def test_at_the_weekly_limit_no_finding(self, limit):
+        """The most doses a week that stay within the limit pass."""
+        dose, doses_per_week = _weekly_plan(limit)
+        order = _weekly_order(limit, doses_per_week, dose)
+        result = screen(request_of(order, **COMPLETE), KB)
+
+        assert [] == by_rule(result, limit.id)
+        assert [] == gaps_for(result, drug_name(limit.drug))
+
+    @pytest.mark.parametrize("limit", rule_params(WEEKLY_LIMITS))
+    def test_one_more_dose_a_week_fires(self, limit):
+        """One dose a week beyond the limit gives a dose finding."""
+        dose, doses_per_week = _weekly_plan(limit)
+        order = _weekly_order(limit, doses_per_week + 1, dose)
+        result = screen(request_of(order, **COMPLETE), KB)
+
+        [finding] = by_rule(result, limit.id)
+        assert Finding.DOSE == finding.category
+        assert "a week" in finding.detail
+
+    def test_methotrexate_daily_fires(self):
+        """Oral methotrexate 10 mg daily is seven doses a week."""
+        order = ordered("methotrexate", 10, "mg", "daily", "PO")
+
+        [finding] = dose_findings(order)
+        assert "dose.methotrexate-oral" == finding.rule_id
+        assert Finding.MAJOR == finding.severity
+        assert "7 doses a week" in finding.detail
+
+    @pytest.mark.parametrize(
+        ("dose", "frequency"),
+        [(15, "once weekly"), (75, "every week"), (2.5, "every other day")],
+    )
+    def test_methotrexate_weekly_schedules_pass(self, dose, frequency):
+        """Labeled weekly schedules give no dose finding."""
+        order = ordered("methotrexate", dose, "mg", frequency, "oral")
+
+        assert [] == dose_findings(order)
+
+    def test_methotrexate_weekly_amount_fires(self):
+        """Two 50 mg doses a week are above 75 mg a week."""
+        order = ordered("methotrexate", 50, "mg", "every 84 hours", "oral")
+
+        [finding] = dose_findings(order)
+        assert "100 mg a week" in finding.detail
+        assert "75 mg" in finding.detail
+
+    def test_doses_per_week_below_one_rejected(self, knowledge_copy):
+        """max_doses_per_week must be a whole number of at least 1."""
+        path = knowledge_copy / "doses.json"
+        data = json.loads(path.read_text())
+        limit = next(
+            entry
+            for entry in data["dose_limits"]
+            if entry["id"] == "dose.methotrexate-oral"
+        )
+        limit["max_doses_per_week"] = 0
+        path.write_text(json.dumps(data))
+
+        with pytest.raises(ValueError, match="max_doses_per_week"):
+            load_knowledge_base(knowledge_copy)
 
 
 class TestDailyTotal:
@@ -222,13 +335,52 @@ class TestRoutes:
         assert 1 == len(by_rule(result, IBUPROFEN))
 
     def test_route_without_a_limit_is_not_screened(self):
-        """Ibuprofen's limit is oral; an IV order is reported, not passed."""
-        order = ordered("ibuprofen", 800, "mg", "q4h", "IV")
+        """Ibuprofen has oral and IV limits, so a rectal order is a gap."""
+        order = ordered("ibuprofen", 800, "mg", "q4h", "PR")
         result = screen(request_of(order, **COMPLETE), KB)
 
         assert [] == by_rule(result, IBUPROFEN)
+        assert [] == by_rule(result, IBUPROFEN_IV)
         [reason] = gaps_for(result, "ibuprofen")
-        assert '"IV"' in reason
+        assert '"PR"' in reason
+
+    def test_route_picks_its_own_limit(self):
+        """An IV order is checked against the IV limit only."""
+        order = ordered("ibuprofen", 800, "mg", "q4h", "IV")
+        result = screen(request_of(order, **COMPLETE), KB)
+
+        [finding] = by_rule(result, IBUPROFEN_IV)
+        assert "4,800 mg a day" in finding.detail
+        assert [] == by_rule(result, IBUPROFEN)
+
+    def test_single_dose_limit_differs_by_route(self):
+        """Ketorolac 60 mg is a labeled IM dose but above the IV one."""
+        intramuscular = ordered("ketorolac", 60, "mg", "once", "IM")
+        intravenous = ordered("ketorolac", 60, "mg", "once", "IV")
+
+        assert [] == dose_findings(intramuscular)
+        [finding] = dose_findings(intravenous)
+        assert "dose.ketorolac-intravenous" == finding.rule_id
+        assert "single dose of 60 mg" in finding.detail
+
+    def test_no_route_uses_most_permissive_limit(self):
+        """Without a route, ketorolac is held to its highest maximum."""
+        within = ordered("ketorolac", 30, "mg", "q6h")
+        above = ordered("ketorolac", 40, "mg", "q6h")
+
+        assert [] == dose_findings(within)
+        [finding] = dose_findings(above)
+        assert "dose.ketorolac-nasal" == finding.rule_id
+
+    @pytest.mark.parametrize(
+        ("name", "dose"), [("ketorolac", 60), ("ondansetron", 24)]
+    )
+    def test_no_route_passes_if_any_route_allows(self, name, dose):
+        """A single dose labeled for one route passes without a route."""
+        order = ordered(name, dose, "mg", "once")
+
+        assert [] == dose_findings(order)
+        assert [] == gaps_for(screen(request_of(order, **COMPLETE), KB), name)
 
     def test_unknown_route_is_not_screened(self):
         order = ordered("ibuprofen", 800, "mg", "q4h", "via carrier pigeon")
@@ -296,8 +448,78 @@ class TestNotScreened:
         assert [] == gaps_for(result, "acetaminophen")
 
     def test_drug_without_a_limit_no_gap(self):
-        order = ordered("metformin", 500, "mg", "bid")
+        """Warfarin is dosed by INR and has no maximum to check."""
+        order = ordered("warfarin", 5, "mg", "daily")
         result = screen(request_of(order, **COMPLETE), KB)
 
         assert [] == [f for f in result.findings if f.category == Finding.DOSE]
-        assert [] == gaps_for(result, "metformin")
+        assert [] == gaps_for(result, "warfarin")
+
+
+class TestOtherUnits:
+    def test_meq_limit_without_route(self):
+        """A limit in mEq is checked when the order gives no route."""
+        over = ordered("potassium chloride", 40, "mEq", "q4h")
+        within = ordered("potassium chloride", 20, "mEq", "bid")
+
+        [finding] = by_rule(
+            screen(request_of(over, **COMPLETE), KB), POTASSIUM
+        )
+        assert "240 mEq a day" in finding.detail
+        assert [] == by_rule(
+            screen(request_of(within, **COMPLETE), KB), POTASSIUM
+        )
+
+    def test_meq_dose_against_mass_is_a_gap(self):
+        """Potassium ordered in mg cannot be compared with mEq."""
+        order = ordered("KCl", 1500, "mg", "daily", "PO")
+        result = screen(request_of(order, **COMPLETE), KB)
+
+        assert [] == by_rule(result, POTASSIUM)
+        [reason] = gaps_for(result, "KCl")
+        assert "cannot be compared" in reason
+
+    def test_milligrams_against_micrograms(self):
+        """Misoprostol 0.4 mg four times daily is 1,600 mcg a day."""
+        order = ordered("misoprostol", 0.4, "mg", "qid", "oral")
+        result = screen(request_of(order, **COMPLETE), KB)
+
+        [finding] = by_rule(result, "dose.misoprostol")
+        assert "1,600 mcg a day" in finding.detail
+        assert "single dose of 400 mcg" in finding.detail
+
+    def test_grams_limit(self):
+        """Ceftriaxone 2 g every 8 hours is above 4 g a day."""
+        over = ordered("ceftriaxone", 2, "g", "q8h", "IV")
+        within = ordered("ceftriaxone", 2000, "mg", "q12h", "IV")
+
+        [finding] = by_rule(
+            screen(request_of(over, **COMPLETE), KB), "dose.ceftriaxone"
+        )
+        assert "6 g a day" in finding.detail
+        assert [] == by_rule(
+            screen(request_of(within, **COMPLETE), KB), "dose.ceftriaxone"
+        )
+
+    def test_mixed_dimensions_for_one_drug_rejected(self, knowledge_copy):
+        """One drug's limits must all convert to one unit."""
+        path = knowledge_copy / "doses.json"
+        data = json.loads(path.read_text())
+        limit = next(
+            entry
+            for entry in data["dose_limits"]
+            if entry["id"] == "dose.potassium-chloride"
+        )
+        data["dose_limits"].append(
+            {
+                **limit,
+                "id": "dose.potassium-chloride-intravenous",
+                "routes": ["intravenous"],
+                "max_daily": {"value": 15000, "unit": "mg"},
+                "max_single": {"value": 3000, "unit": "mg"},
+            }
+        )
+        path.write_text(json.dumps(data))
+
+        with pytest.raises(ValueError, match="for the same drug"):
+            load_knowledge_base(knowledge_copy)

@@ -1,4 +1,5 @@
-"""Dose checks: a single dose or a daily total above the labeled maximum.
+"""Dose checks: a single dose, a daily total or a weekly schedule above
+the labeled maximum.
 
 The daily total is the dose times the most doses a day that the frequency
 allows. A dose whose unit, route or frequency cannot be read is reported as
@@ -21,11 +22,17 @@ from services.cds.screening.inputs import (
 Category = cds_pb2.Finding.Category
 
 
-def _amount_text(value: float, unit: str) -> str:
-    if value == int(value):
-        return f"{int(value):,} {unit}"
+# Display spellings in finding texts for the canonical units that differ
+# from their usual spelling.
+_UNIT_LABELS = {"meq": "mEq", "unit": "units"}
 
-    return f"{value:,.3g} {unit}"
+
+def _amount_text(value: float, unit: str) -> str:
+    label = _UNIT_LABELS.get(unit, unit)
+    if value == int(value):
+        return f"{int(value):,} {label}"
+
+    return f"{value:,.3g} {label}"
 
 
 def _in(amount: Amount, unit: str) -> float:
@@ -39,16 +46,52 @@ def _in(amount: Amount, unit: str) -> float:
 def _limits_for_route(
     limits: list[DoseLimit], route: str | None
 ) -> list[DoseLimit]:
-    """Return the limits for a route; without one, the most permissive."""
+    """Return the limits for a route, or every limit without one.
+
+    Without a route the limits come most permissive first, by maximum
+    daily dose.
+    """
     if route is not None:
         return [
             limit
             for limit in limits
             if not limit.routes or route in limit.routes
         ]
-    most = max(limits, key=lambda limit: _in(limit.max_daily, "mg"))
+    # The knowledge base keeps one drug's limits in one dimension (mass,
+    # units, mEq or mmol), so they compare in the first limit's unit.
+    unit = limits[0].max_daily.unit
 
-    return [most]
+    return sorted(
+        limits, key=lambda limit: _in(limit.max_daily, unit), reverse=True
+    )
+
+
+def _unrouted_finding(
+    medication: ScreenedMedication,
+    unit: str,
+    limits: list[DoseLimit],
+    patient: cds_pb2.Patient,
+    gaps: list[cds_pb2.NotScreened],
+) -> cds_pb2.Finding | None:
+    """Check an order without a route against the limit of every route.
+
+    The order may be meant for any of the routes, so it gives a finding
+    only when no limit clears it, and then the finding of the most
+    permissive limit. The gaps come from that limit alone.
+    """
+    most, *others = limits
+    finding = _check_limit(medication, unit, most, patient, gaps)
+    if finding is None:
+        return None
+    for limit in others:
+        # A limit that could not be checked, for the patient's age for
+        # example, does not clear the order.
+        limit_gaps: list[cds_pb2.NotScreened] = []
+        other = _check_limit(medication, unit, limit, patient, limit_gaps)
+        if other is None and not limit_gaps:
+            return None
+
+    return finding
 
 
 def dose_findings(
@@ -107,6 +150,13 @@ def dose_findings(
                     "knowledge base, so the dose was not checked",
                 )
             )
+        if route is None and route_limits:
+            finding = _unrouted_finding(
+                medication, unit, route_limits, patient, gaps
+            )
+            if finding is not None:
+                yield finding
+            continue
         for limit in route_limits:
             finding = _check_limit(medication, unit, limit, patient, gaps)
             if finding is not None:
@@ -126,6 +176,35 @@ def _daily_problem(
         f"The order allows up to {_amount_text(daily, unit)} a day, above "
         f"the maximum daily dose of {maximum}."
     )
+
+
+def _weekly_problems(
+    dose: float, frequency: dosing.Frequency, limit: DoseLimit
+) -> list[str]:
+    """Describe how an order exceeds a weekly maximum amount or count.
+
+    `dose` is in the unit of the limit's `max_daily`.
+    """
+    unit = limit.max_daily.unit
+    doses_per_week = frequency.doses_per_day * 7
+    problems = []
+    if limit.max_weekly is not None:
+        weekly = dose * doses_per_week
+        max_weekly = _in(limit.max_weekly, unit)
+        if weekly > max_weekly * (1 + 1e-9):
+            problems.append(
+                f"The order allows up to {_amount_text(weekly, unit)} a "
+                "week, above the maximum weekly dose of "
+                f"{_amount_text(max_weekly, unit)}."
+            )
+    maximum = limit.max_doses_per_week
+    if maximum is not None and doses_per_week > maximum * (1 + 1e-9):
+        problems.append(
+            f"The order gives up to {doses_per_week:g} doses a week, more "
+            f"than the labeled maximum of {maximum} doses a week."
+        )
+
+    return problems
 
 
 def _check_limit(
@@ -196,6 +275,7 @@ def _check_limit(
         daily = dose * frequency.doses_per_day
         if daily > max_daily * (1 + 1e-9):
             problems.append(_daily_problem(daily, limit, by_weight))
+        problems += _weekly_problems(dose, frequency, limit)
     if not problems:
         return None
 
