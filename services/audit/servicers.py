@@ -178,7 +178,9 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         except ValueError as error:
             violations.append(FieldViolation("pageSize", str(error)))
         try:
-            before = pagination.decode_token(request.page_token)
+            before = pagination.decode_token(
+                request.page_token, identifier_is_uuid=True
+            )
         except pagination.InvalidPageToken as error:
             violations.append(FieldViolation("pageToken", str(error)))
         if violations:

@@ -115,9 +115,9 @@ async def _page_size(context, requested: int) -> int:
         await abort_invalid(context, [FieldViolation("pageSize", str(error))])
 
 
-async def _page_after(context, token: str):
+async def _page_after(context, token: str, identifier_is_uuid: bool = False):
     try:
-        return pagination.decode_token(token)
+        return pagination.decode_token(token, identifier_is_uuid)
     except pagination.InvalidPageToken as error:
         await abort_invalid(context, [FieldViolation("pageToken", str(error))])
 
@@ -164,10 +164,17 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
     async def CreateKey(self, request, context):
         org_id, caller_scopes = await self._caller(context)
         violations = _name_violations(request.name, "name")
-        requested = [Scope.Name(scope) for scope in request.scopes]
-        if "SCOPE_UNSPECIFIED" in requested:
+        known = set(Scope.values()) - {Scope.SCOPE_UNSPECIFIED}
+        requested = [
+            Scope.Name(scope) for scope in request.scopes if scope in known
+        ]
+        if len(requested) != len(request.scopes):
             violations.append(
-                FieldViolation("scopes", "SCOPE_UNSPECIFIED is not a scope")
+                FieldViolation(
+                    "scopes",
+                    "unknown scope: use CLINICAL_REVIEW, AUDIT_READ, "
+                    "BILLING_READ or KEY_MANAGEMENT",
+                )
             )
         beyond = sorted(set(requested) - caller_scopes)
         if beyond:
@@ -295,7 +302,9 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
     async def ListOrganizations(self, request, context):
         await self._require_operator(context)
         size = await _page_size(context, request.page_size)
-        after = await _page_after(context, request.page_token)
+        after = await _page_after(
+            context, request.page_token, identifier_is_uuid=True
+        )
         rows = await self._store.list_organizations(size + 1, after)
         response = operator_pb2.ListOrganizationsResponse(
             organizations=[organization_message(row) for row in rows[:size]]
@@ -395,10 +404,17 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
         violations = _name_violations(request.name, "name")
         if not _valid_uuid(request.org_id):
             violations.append(FieldViolation("orgId", "must be a UUID"))
-        scopes = sorted({Scope.Name(scope) for scope in request.scopes})
-        if "SCOPE_UNSPECIFIED" in scopes:
+        known = set(Scope.values()) - {Scope.SCOPE_UNSPECIFIED}
+        scopes = sorted(
+            {Scope.Name(scope) for scope in request.scopes if scope in known}
+        )
+        if len(set(request.scopes)) != len(scopes):
             violations.append(
-                FieldViolation("scopes", "SCOPE_UNSPECIFIED is not a scope")
+                FieldViolation(
+                    "scopes",
+                    "unknown scope: use CLINICAL_REVIEW, AUDIT_READ, "
+                    "BILLING_READ or KEY_MANAGEMENT",
+                )
             )
         if violations:
             await abort_invalid(context, violations)

@@ -2,10 +2,11 @@
 
 Order of checks: no credential may travel in the URL; the RPC must exist;
 operator methods need the operator token; every other method needs a
-well-formed, known, unexpired key of an active organization, called from
-inside its IP allowlist if it has one, with the method's scope; then the
-organization's daily quota is counted. Requests rejected before the key is
-known count for no organization.
+well-formed, known, unexpired key, then an active organization, a client
+address inside its IP allowlist if it has one, and the method's scope.
+Every request whose key is known counts toward its organization's daily
+quota, even when a later check denies it; requests rejected before the key
+is known count for no organization.
 """
 
 import datetime
@@ -223,6 +224,18 @@ class AuthDecider:
             "org_id": credential.org_id,
             "key_id": credential.key_id,
         }
+        denial = self._access_denial(facts, method, credential, identity)
+
+        return await self._count(credential, identity, denial)
+
+    def _access_denial(
+        self,
+        facts: RequestFacts,
+        method: methods.Method,
+        credential: Credential,
+        identity: dict,
+    ) -> Decision | None:
+        """Return why a known key may not make this call, or None."""
         if credential.org_state != "active":
             return _deny(
                 grpc.StatusCode.PERMISSION_DENIED,
@@ -230,16 +243,15 @@ class AuthDecider:
                 "contact the operator of this deployment",
                 **identity,
             )
+        address = facts.headers.get(CLIENT_ADDRESS_HEADER, "")
         if credential.ip_allowlist and not _address_allowed(
-            facts.headers.get(CLIENT_ADDRESS_HEADER, ""),
-            credential.ip_allowlist,
+            address, credential.ip_allowlist
         ):
-            address = facts.headers.get(CLIENT_ADDRESS_HEADER, "") or "?"
             return _deny(
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"client address {address[:64]} is outside the IP allowlist "
-                f"of organization {credential.org_id}: call from an allowed "
-                "network or ask the operator to extend the list",
+                f"client address {address[:64] or '?'} is outside the IP "
+                f"allowlist of organization {credential.org_id}: call from "
+                "an allowed network or ask the operator to extend the list",
                 **identity,
             )
         if method.scope not in credential.scopes:
@@ -250,15 +262,32 @@ class AuthDecider:
                 **identity,
             )
 
-        return await self._count(credential, identity)
+        return None
 
-    async def _count(self, credential: Credential, identity: dict) -> Decision:
+    async def _count(
+        self,
+        credential: Credential,
+        identity: dict,
+        denial: Decision | None = None,
+    ) -> Decision:
+        """Count a request of a known key against its organization's quota.
+
+        A request that passed key authentication counts even when it is
+        then denied (`denial`), and its response carries the rate-limit
+        headers, as every authenticated request's does.
+        """
         now = self._clock()
         reset = next_utc_midnight(now)
         limit = plan_limits()[credential.plan].daily_request_limit
         used = await self._store.count_request(
             credential.org_id, now.date(), limit
         )
+        if denial is not None:
+            denial.response_headers = _rate_limit_headers(
+                limit, limit if used is None else used, reset
+            )
+
+            return denial
         if used is None:
             decision = _deny(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,

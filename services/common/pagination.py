@@ -4,9 +4,12 @@ import base64
 import binascii
 import datetime
 import json
+import uuid
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+# Tokens from encode_token stay far below this.
+MAX_TOKEN_LENGTH = 512
 
 
 class InvalidPageToken(ValueError):
@@ -32,20 +35,37 @@ def encode_token(time: datetime.datetime, identifier: str) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_token(token: str) -> tuple[datetime.datetime, str] | None:
-    """Decode a token from `encode_token`; an empty token is the first page."""
+def decode_token(
+    token: str, identifier_is_uuid: bool = False
+) -> tuple[datetime.datetime, str] | None:
+    """Decode a token from `encode_token`; an empty token is the first page.
+
+    Tokens are not secret: a client may craft one, so every part is
+    checked before it reaches a query.
+    """
     if not token:
         return None
+    invalid = InvalidPageToken(
+        "pageToken is invalid: pass the nextPageToken of the previous page "
+        "unchanged"
+    )
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise invalid
     try:
         padded = token + "=" * (-len(token) % 4)
         time, identifier = json.loads(base64.urlsafe_b64decode(padded))
         parsed = datetime.datetime.fromisoformat(time)
-    except (ValueError, TypeError, binascii.Error) as error:
-        raise InvalidPageToken(
-            "pageToken is invalid: pass the nextPageToken of the previous "
-            "page unchanged"
-        ) from error
+        if identifier_is_uuid:
+            uuid.UUID(identifier)
+    except (
+        ValueError,
+        TypeError,
+        AttributeError,
+        RecursionError,
+        binascii.Error,
+    ) as error:
+        raise invalid from error
     if not isinstance(identifier, str) or parsed.tzinfo is None:
-        raise InvalidPageToken("pageToken is invalid")
+        raise invalid
 
     return parsed, identifier

@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.config import ConfigError, ServerConfig
+from services.common.errors import abort
 from services.common.identity import (
     KEY_ID_HEADER,
     ORG_ID_HEADER,
@@ -36,6 +37,29 @@ class Registration:
     service_name: str
     # Peers allowed to call this service, overriding the server's default.
     allowed_peers: frozenset[str] | None = None
+
+
+@dataclass(frozen=True)
+class DependencyHealth:
+    """A health-check name whose status follows one optional dependency.
+
+    The name starts NOT_SERVING and turns SERVING while `check` returns
+    True. It does not change the status of the service's own names, so a
+    service can stay SERVING without a dependency it can work around.
+    """
+
+    # Name clients pass to Health.Check, for example
+    # `arxio.cds.v1.ClinicalDecisionSupportService/model`.
+    name: str
+    check: Callable[[], Awaitable[bool]]
+    # Seconds between checks.
+    interval: float = READINESS_INTERVAL
+
+
+INTERNAL_ERROR_MESSAGE = (
+    "internal error: the service failed on this request; retry, and report "
+    "the X-Request-ID of the response if it persists"
+)
 
 
 def _peer_name(context: grpc.aio.ServicerContext) -> str:
@@ -106,10 +130,13 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 except Exception:
                     code = context.code()
-                    if code in (None, grpc.StatusCode.OK):
-                        code = grpc.StatusCode.UNKNOWN
-                        log.exception("rpc.failed")
-                    raise
+                    if code not in (None, grpc.StatusCode.OK):
+                        raise
+                    # A bug, not a decision: the client gets a fixed message
+                    # and the request id, never the exception's text.
+                    code = grpc.StatusCode.INTERNAL
+                    log.exception("rpc.failed")
+                    await abort(context, code, INTERNAL_ERROR_MESSAGE)
                 finally:
                     if context.code() not in (None, grpc.StatusCode.OK):
                         code = context.code()
@@ -129,13 +156,23 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         def streaming_response(inner):
             async def behavior(request, context):
                 await check_peer(context)
-                result = inner(request, context)
-                if hasattr(result, "__aiter__"):
-                    async for response in result:
-                        yield response
-                else:
-                    # A handler that writes with context.write() instead.
-                    await result
+                try:
+                    result = inner(request, context)
+                    if hasattr(result, "__aiter__"):
+                        async for response in result:
+                            yield response
+                    else:
+                        # A handler that writes with context.write().
+                        await result
+                except Exception:
+                    if context.code() not in (None, grpc.StatusCode.OK):
+                        raise
+                    log.exception("rpc.failed", method=method, **ids)
+                    await abort(
+                        context,
+                        grpc.StatusCode.INTERNAL,
+                        INTERNAL_ERROR_MESSAGE,
+                    )
 
             return behavior
 
@@ -195,6 +232,7 @@ async def _watch_readiness(
     names: Sequence[str],
     check_ready: Callable[[], Awaitable[bool]],
     stopping: asyncio.Event,
+    interval: float = READINESS_INTERVAL,
 ) -> None:
     serving = None
     while not stopping.is_set():
@@ -202,7 +240,9 @@ async def _watch_readiness(
             ready = await check_ready()
         except Exception as error:
             ready = False
-            log.warning("readiness.check_failed", error=repr(error))
+            log.warning(
+                "readiness.check_failed", names=list(names), error=repr(error)
+            )
         if ready != serving:
             status = (
                 health_pb2.HealthCheckResponse.SERVING
@@ -211,10 +251,10 @@ async def _watch_readiness(
             )
             for name in names:
                 await servicer.set(name, status)
-            log.info("readiness.changed", serving=ready)
+            log.info("readiness.changed", names=list(names), serving=ready)
             serving = ready
         try:
-            await asyncio.wait_for(stopping.wait(), READINESS_INTERVAL)
+            await asyncio.wait_for(stopping.wait(), interval)
         except TimeoutError:
             pass
 
@@ -225,8 +265,13 @@ async def serve(
     registrations: Sequence[Registration],
     check_ready: Callable[[], Awaitable[bool]] | None = None,
     on_stop: Callable[[], Awaitable[None]] | None = None,
+    dependencies: Sequence[DependencyHealth] = (),
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then drain for the configured grace."""
+    """Serve until SIGTERM or SIGINT, then drain for the configured grace.
+
+    `check_ready` sets the health of the server ("") and of every
+    registered service. Each of `dependencies` sets only its own name.
+    """
     server = grpc.aio.server(
         interceptors=[ServingInterceptor(config.allowed_peers, registrations)],
         options=[
@@ -267,12 +312,28 @@ async def serve(
         watcher = asyncio.create_task(
             _watch_readiness(health_servicer, names, check_ready, stopping)
         )
+    dependency_watchers = []
+    for dependency in dependencies:
+        await health_servicer.set(dependency.name, not_serving)
+        dependency_watchers.append(
+            asyncio.create_task(
+                _watch_readiness(
+                    health_servicer,
+                    [dependency.name],
+                    dependency.check,
+                    stopping,
+                    dependency.interval,
+                )
+            )
+        )
 
     await stopping.wait()
     log.info("server.stopping", grace_seconds=config.shutdown_grace)
     await health_servicer.enter_graceful_shutdown()
     if watcher is not None:
         await watcher
+    for dependency_watcher in dependency_watchers:
+        await dependency_watcher
     await server.stop(config.shutdown_grace)
     if on_stop is not None:
         await on_stop()

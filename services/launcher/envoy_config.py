@@ -12,11 +12,26 @@ from pathlib import Path
 import yaml
 
 from services.common import methods
-from services.common.identity import CLIENT_ADDRESS_HEADER
+from services.common.identity import (
+    CLIENT_ADDRESS_HEADER,
+    KEY_ID_HEADER,
+    ORG_ID_HEADER,
+    PRINCIPAL_HEADER,
+    SCOPES_HEADER,
+)
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "envoy" / "envoy.yaml.tmpl"
 UPSTREAMS = ("auth", "cds", "audit", "billing")
+# Largest JSON response the transcoder builds: 4 MiB, the largest message
+# a gRPC client accepts by default, far above a 100-medication review.
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 MAX_REQUEST_BYTES = 64 * 1024
+# Body limit of routes that skip the auth decision and verify a signature
+# instead (Stripe's webhook). Stripe documents no maximum event size, but
+# its events embed at most 10 items of each list, which keeps them far
+# below this.
+# NOTE: an estimate, not a limit Stripe publishes.
+WEBHOOK_MAX_REQUEST_BYTES = 512 * 1024
 
 SECURITY_HEADERS = {
     "strict-transport-security": "max-age=31536000; includeSubDomains",
@@ -233,6 +248,36 @@ def _json_route(method: methods.Method, cluster: str) -> dict:
     }
 
 
+def _verify_signature_in_service(route: dict) -> None:
+    """Let a signed webhook through without the auth decision.
+
+    The service verifies the request's signature itself. The access log
+    still records the request, the route has its own body limit, and
+    identity headers a caller sends are removed, since ext_authz no longer
+    overwrites them.
+    """
+    route["request_headers_to_remove"] = [
+        ORG_ID_HEADER,
+        KEY_ID_HEADER,
+        SCOPES_HEADER,
+        PRINCIPAL_HEADER,
+        "x-api-key",
+        "authorization",
+    ]
+    route["typed_per_filter_config"] |= {
+        "envoy.filters.http.ext_authz": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http"
+            ".ext_authz.v3.ExtAuthzPerRoute",
+            "disabled": True,
+        },
+        "envoy.filters.http.buffer": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http"
+            ".buffer.v3.BufferPerRoute",
+            "buffer": {"max_request_bytes": WEBHOOK_MAX_REQUEST_BYTES},
+        },
+    }
+
+
 def routes() -> list[dict]:
     """Return one route per REST binding and one per gRPC service."""
     json_routes = []
@@ -240,7 +285,11 @@ def routes() -> list[dict]:
     for method in methods.public_methods():
         cluster = method.action.split(".", 1)[0]
         if method.http is not None:
-            json_routes.append(_json_route(method, cluster))
+            route = _json_route(method, cluster)
+            signed = methods.Authentication.WEBHOOK_SIGNATURE
+            if method.authentication == signed:
+                _verify_signature_in_service(route)
+            json_routes.append(route)
         service = method.grpc_path.rsplit("/", 1)[0] + "/"
         grpc_services[service] = cluster
     grpc_routes = [
@@ -367,6 +416,7 @@ def render(settings: EdgeSettings) -> dict:
         edge_key=certs / "edge.key",
         trusted_hops=settings.trusted_hops,
         max_request_bytes=MAX_REQUEST_BYTES,
+        max_response_bytes=MAX_RESPONSE_BYTES,
         descriptor=settings.descriptor,
     )
     config = yaml.safe_load(text)

@@ -518,3 +518,34 @@ class TestDeterminism:
 
         assert [] == captured
         assert [] == caplog.records
+
+
+class TestRepeatedItems:
+    def test_repeated_medication_finding_once(self):
+        """The same pair listed twice gives one finding, not four."""
+        result = screen(
+            _request(
+                "warfarin",
+                "ibuprofen",
+                "warfarin",
+                "ibuprofen",
+                age_years=40,
+                sex=cds_pb2.Patient.Sex.MALE,
+                egfr=90,
+            ),
+            KB,
+        )
+
+        interactions = [
+            f
+            for f in result.findings
+            if f.rule_id == "ddi.anticoagulants-nsaids"
+        ]
+        assert 1 == len(interactions)
+
+    def test_repeated_unknown_name_listed_once(self):
+        result = screen(_request("zzunknown", "zzunknown"), KB)
+
+        assert 1 == len(
+            [gap for gap in result.not_screened if gap.subject == "zzunknown"]
+        )

@@ -41,6 +41,10 @@ class TestScopes:
         assert 403 == audit.status
         assert "AUDIT_READ" in audit.json()["message"]
         assert 200 == review.status
+        # Key creation counted 1; the denied request passed key
+        # authentication, so it counted too.
+        assert "98" == audit.headers["x-ratelimit-remaining"]
+        assert "97" == review.headers["x-ratelimit-remaining"]
 
     def test_key_cannot_grant_scopes_it_lacks(self, edge, new_org):
         org = new_org()

@@ -6,7 +6,10 @@ the review returns and lists it as not screened.
 
 import pytest
 
+from services.cds.knowledge_base import load_knowledge_base
 from tests.suite import Organization
+
+KB = load_knowledge_base()
 
 pytestmark = pytest.mark.e2e
 
@@ -84,6 +87,23 @@ class TestLimits:
         assert "age" in response.body.decode().lower()
 
 
+class TestLargeReviews:
+    def test_hundred_medications_reviewed(self, send):
+        """A full list gives its many findings, not a transcoder error."""
+        names = sorted(drug.name for drug in KB.drugs.values())[:100]
+
+        response = send(
+            {
+                "patient": {"ageYears": 80, "sex": "FEMALE", "egfr": 10},
+                "medications": [{"name": name} for name in names],
+            }
+        )
+
+        assert 200 == response.status, response.body[:300]
+        assert len(response.body) > 64 * 1024
+        assert response.json()["findings"]
+
+
 class TestNotErrors:
     def test_empty_review_is_valid(self, send):
         """No medications: a review with no medication findings."""
@@ -112,3 +132,57 @@ class TestNotErrors:
         assert 200 == response.status, response.body
         gaps = response.json()["notScreened"]
         assert [gap for gap in gaps if gap["subject"] == "acetaminophen"], gaps
+
+
+class TestCraftedInput:
+    """Input that once reached a query or a conversion unchecked."""
+
+    @pytest.mark.parametrize(
+        "token",
+        [
+            # A valid time with an id that is not a UUID.
+            "WyIyMDI2LTEyLTA0VDAwOjAwOjAwKzAwOjAwIiwibm90LWEtdXVpZCJd",
+            # Deeply nested JSON.
+            "W1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tb" * 8,
+        ],
+    )
+    def test_crafted_page_token_is_400(self, stack, edge, token):
+        org = Organization(stack)
+
+        response = edge.request(
+            "GET",
+            f"/v1/audit?pageToken={token}",
+            None,
+            {"x-api-key": org.api_key},
+        )
+
+        assert 400 == response.status, response.body
+        assert "pageToken" in response.body.decode()
+        assert "SELECT" not in response.body.decode()
+
+    def test_unknown_scope_is_400(self, stack, edge):
+        org = Organization(stack)
+
+        response = edge.request(
+            "POST", "/v1/keys", {"scopes": [99]}, {"x-api-key": org.api_key}
+        )
+
+        assert 400 == response.status, response.body
+        assert "scope" in response.body.decode()
+
+    def test_huge_grace_period_is_400(self, stack, edge):
+        org = Organization(stack)
+
+        response = edge.request(
+            "POST",
+            f"/v1/keys/{org.key_id}:rotate",
+            {"gracePeriod": "315576000000s"},
+            {"x-api-key": org.api_key},
+        )
+        keys = edge.request(
+            "GET", "/v1/keys", None, {"x-api-key": org.api_key}
+        ).json()["keys"]
+
+        assert 400 == response.status, response.body
+        assert "gracePeriod" in response.body.decode()
+        assert 1 == len(keys)

@@ -37,6 +37,15 @@ class ScreeningResult:
     risk: cds_pb2.Risk
 
 
+def _unique(messages: list) -> list:
+    """Drop repeated messages, keeping the first of each in order."""
+    seen: dict[bytes, object] = {}
+    for message in messages:
+        seen.setdefault(message.SerializeToString(deterministic=True), message)
+
+    return list(seen.values())
+
+
 def screen(
     request: cds_pb2.ClinicalReviewRequest, kb: KnowledgeBase
 ) -> ScreeningResult:
@@ -60,8 +69,10 @@ def screen(
         *patient_findings(medications, patient, kb),
         *dose_findings(medications, patient, kb, gaps),
     ]
+    # A medication or allergy listed twice would repeat its findings.
+    findings = _unique(findings)
     findings.sort(key=outcome.finding_order)
-    gaps += missing_patient_inputs(medications, patient, kb)
+    gaps = _unique([*gaps, *missing_patient_inputs(medications, patient, kb)])
 
     return ScreeningResult(
         findings=findings,
