@@ -16,6 +16,8 @@ from services.common.errors import HTTP_STATUS_OF_CODE
 
 # Action of requests that matched no API method.
 UNROUTED_ACTION = "edge.unrouted"
+# Endpoint of requests that matched no API method.
+UNROUTED_ENDPOINT = "(unrouted)"
 MAX_ENDPOINT_LENGTH = 2048
 MAX_REQUEST_ID_LENGTH = 200
 
@@ -76,8 +78,16 @@ def audit_row(line: Mapping) -> AuditRow:
     if not request_id:
         raise InvalidLogLine("the line has no request id")
     http_method = _text(line, "method")
-    endpoint = _text(line, "path").split("?", 1)[0]
-    method = methods.find_method(http_method, endpoint)
+    path = _text(line, "path").split("?", 1)[0]
+    method = methods.find_method(http_method, path)
+    # The route, never the raw path: a path segment may carry whatever a
+    # client typed, patient data included.
+    if method is None:
+        endpoint = UNROUTED_ENDPOINT
+    elif path == method.grpc_path or method.http is None:
+        endpoint = method.grpc_path
+    else:
+        endpoint = method.http.template
     action = _text(line, "action") or (
         method.action if method else UNROUTED_ACTION
     )

@@ -66,6 +66,20 @@ class TestCompleteness:
         no_key = rows[ids["no_key"]]
         assert (None, None, "cds.clinical_review", 401) == no_key[1:5]
         assert 404 == rows[ids["no_route"]][4]
+        assert "(unrouted)" == rows[ids["no_route"]][7]
+
+    def test_endpoint_is_the_route_not_the_path(self, stack, edge, new_org):
+        """What a client puts in a path segment is not stored."""
+        org = new_org()
+        key = {"x-api-key": org.api_key}
+        response = edge.request(
+            "DELETE", "/v1/keys/zzphimarkerpath", headers=key
+        )
+
+        [row] = stored_rows(stack, [response.headers["x-request-id"]]).values()
+
+        assert 404 == response.status
+        assert "/v1/keys/{key_id}" == row[7]
 
     def test_quota_rejection_has_a_row(self, stack, edge, new_org):
         """A 429 is audited with the organization that hit its limit."""
