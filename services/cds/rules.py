@@ -189,13 +189,15 @@ class Amount:
 
 @dataclass(frozen=True)
 class DoseLimit(Rule):
-    """Maximum doses of one drug by the routes given, for adults.
+    """Maximum doses of one drug by the routes given.
 
     `routes` are canonical route names; empty means every route. A weight
     based limit applies when the patient's weight is known, as the lower
     of the two. `max_weekly` and `max_doses_per_week` bound drugs dosed
     weekly, such as oral methotrexate, whose daily maximum alone would
-    pass the same dose given every day.
+    pass the same dose given every day. A limit with `below_age` is a
+    pediatric limit for min_age <= age < below_age, and for those ages it
+    replaces the drug's other limits of the same route.
     """
 
     drug: str
@@ -206,6 +208,7 @@ class DoseLimit(Rule):
     min_age: int
     max_weekly: Amount | None = None
     max_doses_per_week: int | None = None
+    below_age: int | None = None
 
 
 def parse_interaction(vocabulary: Vocabulary, raw: Any, position: int):
@@ -486,6 +489,7 @@ def parse_dose_limit(
         "min_age",
         "max_weekly",
         "max_doses_per_week",
+        "below_age",
     )
     limit_routes = entry.texts("routes")
     for route in limit_routes:
@@ -505,6 +509,12 @@ def parse_dose_limit(
         doses_per_week = entry.integer("max_doses_per_week")
         if doses_per_week < 1:
             entry.fail("max_doses_per_week must be 1 or more")
+    min_age = entry.integer("min_age", default=18)
+    below_age = None
+    if "below_age" in entry.data:
+        below_age = entry.integer("below_age")
+        if not 0 <= min_age < below_age:
+            entry.fail("expected 0 <= min_age < below_age")
 
     return DoseLimit(
         id=entry.id,
@@ -513,8 +523,9 @@ def parse_dose_limit(
         max_daily=_amount(entry, "max_daily", units),
         max_daily_per_kg=per_kg,
         max_single=single,
-        min_age=entry.integer("min_age", default=18),
+        min_age=min_age,
         max_weekly=weekly,
         max_doses_per_week=doses_per_week,
+        below_age=below_age,
         text=_finding_text(entry),
     )

@@ -23,6 +23,7 @@ from tests.cds.screening_helpers import (
 ACETAMINOPHEN = "dose.acetaminophen"
 IBUPROFEN = "dose.ibuprofen-oral"
 IBUPROFEN_IV = "dose.ibuprofen-intravenous"
+IBUPROFEN_CHILD = "dose.ibuprofen-oral-children"
 POTASSIUM = "dose.potassium-chloride"
 
 
@@ -60,6 +61,22 @@ def _limit_order(limit, doses_per_day: int, dose: float):
     )
 
 
+def _patient_for(limit) -> dict:
+    """A patient inside the limit's ages whose weight does not lower it."""
+    if limit.below_age is None:
+        return COMPLETE
+    patient = {**COMPLETE, "age_years": limit.below_age - 1}
+    if limit.max_daily_per_kg is not None:
+        per_kg = dosing.in_unit(
+            limit.max_daily_per_kg.value,
+            limit.max_daily_per_kg.unit,
+            limit.max_daily.unit,
+        )
+        patient["weight_kg"] = limit.max_daily.value / per_kg
+
+    return patient
+
+
 def _largest_single(limit) -> float:
     """The largest dose that passes the single-dose limit."""
     unit = limit.max_daily.unit
@@ -90,7 +107,10 @@ class TestEveryLimit:
         dose = _largest_single(limit)
         per_day = max(1, math.floor(limit.max_daily.value / dose))
         result = screen(
-            request_of(_limit_order(limit, per_day, dose), **COMPLETE), KB
+            request_of(
+                _limit_order(limit, per_day, dose), **_patient_for(limit)
+            ),
+            KB,
         )
 
         assert [] == by_rule(result, limit.id)
@@ -102,7 +122,10 @@ class TestEveryLimit:
         dose = _largest_single(limit)
         per_day = math.floor(limit.max_daily.value / dose) + 1
         result = screen(
-            request_of(_limit_order(limit, per_day, dose), **COMPLETE), KB
+            request_of(
+                _limit_order(limit, per_day, dose), **_patient_for(limit)
+            ),
+            KB,
         )
 
         [finding] = by_rule(result, limit.id)
@@ -122,7 +145,10 @@ class TestEveryLimit:
             limit.max_daily.unit,
         )
         result = screen(
-            request_of(_limit_order(limit, 1, single * 1.5), **COMPLETE), KB
+            request_of(
+                _limit_order(limit, 1, single * 1.5), **_patient_for(limit)
+            ),
+            KB,
         )
 
         [finding] = by_rule(result, limit.id)
@@ -316,14 +342,80 @@ class TestWeightAndAge:
         assert "under 12 years" in reason
 
     def test_child_without_weight_limit_is_not_screened(self):
-        """Ibuprofen's limit has no weight basis, so a child is a gap."""
-        order = ordered("ibuprofen", 100, "mg", "q8h", "oral")
+        """Naproxen has no limit for children, so a child is a gap."""
+        order = ordered("naproxen", 100, "mg", "q8h", "oral")
         patient = {**COMPLETE, "age_years": 6, "weight_kg": 20}
         result = screen(request_of(order, **patient), KB)
 
-        assert [] == by_rule(result, IBUPROFEN)
-        [reason] = gaps_for(result, "ibuprofen")
+        assert [] == by_rule(result, "dose.naproxen")
+        [reason] = gaps_for(result, "naproxen")
         assert "under 18 years" in reason
+
+
+class TestPediatricLimits:
+    def test_child_above_per_kg_maximum(self):
+        """400 mg every 6 hours at 16 kg is 100 mg/kg a day."""
+        order = ordered("ibuprofen", 400, "mg", "every 6 hours", "oral")
+        patient = {**COMPLETE, "age_years": 4, "weight_kg": 16}
+        result = screen(request_of(order, **patient), KB)
+
+        [finding] = by_rule(result, IBUPROFEN_CHILD)
+        assert "1,600 mg a day" in finding.detail
+        assert "40 mg/kg" in finding.detail
+        assert [] == by_rule(result, IBUPROFEN)
+        assert [] == gaps_for(result, "ibuprofen")
+
+    def test_child_within_per_kg_maximum(self):
+        """10 mg/kg every 6 hours is the labeled 40 mg/kg a day."""
+        order = ordered("ibuprofen", 160, "mg", "every 6 hours", "oral")
+        patient = {**COMPLETE, "age_years": 4, "weight_kg": 16}
+        result = screen(request_of(order, **patient), KB)
+
+        assert [] == by_rule(result, IBUPROFEN_CHILD)
+        assert [] == gaps_for(result, "ibuprofen")
+
+    def test_child_without_weight_is_a_gap(self):
+        """The pediatric limit is per kg, so it needs the weight."""
+        order = ordered("ibuprofen", 100, "mg", "q8h", "oral")
+        patient = {**COMPLETE, "age_years": 6}
+        result = screen(request_of(order, **patient), KB)
+
+        assert [] == by_rule(result, IBUPROFEN_CHILD)
+        [reason] = gaps_for(result, "ibuprofen")
+        assert "weight not given" in reason
+
+    def test_adult_keeps_the_adult_limit(self):
+        """At 40 years the pediatric limit does not apply."""
+        order = ordered("ibuprofen", 800, "mg", "q6h", "oral")
+        patient = {**COMPLETE, "weight_kg": 16}
+        result = screen(request_of(order, **patient), KB)
+
+        assert [] == by_rule(result, IBUPROFEN_CHILD)
+        assert [] == by_rule(result, IBUPROFEN)
+
+    def test_unknown_age_uses_the_adult_limit(self):
+        """Without an age, only limits without an upper age apply."""
+        order = ordered("ibuprofen", 800, "mg", "q4h", "oral")
+        patient = {"sex": COMPLETE["sex"], "egfr": 90, "weight_kg": 16}
+        result = screen(request_of(order, **patient), KB)
+
+        assert 1 == len(by_rule(result, IBUPROFEN))
+        assert [] == by_rule(result, IBUPROFEN_CHILD)
+
+    def test_below_age_not_above_min_age_rejected(self, knowledge_copy):
+        """A pediatric limit needs min_age below below_age."""
+        path = knowledge_copy / "doses.json"
+        data = json.loads(path.read_text())
+        limit = next(
+            entry
+            for entry in data["dose_limits"]
+            if entry["id"] == IBUPROFEN_CHILD
+        )
+        limit["below_age"] = limit["min_age"]
+        path.write_text(json.dumps(data))
+
+        with pytest.raises(ValueError, match="min_age < below_age"):
+            load_knowledge_base(knowledge_copy)
 
 
 class TestRoutes:

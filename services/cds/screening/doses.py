@@ -66,6 +66,28 @@ def _limits_for_route(
     )
 
 
+def _limits_for_age(
+    limits: list[DoseLimit], patient: cds_pb2.Patient
+) -> list[DoseLimit]:
+    """Return the pediatric limits that cover the patient's age, if any.
+
+    Otherwise return the limits without an upper age, which also serve a
+    patient of unknown age.
+    """
+    if patient.HasField("age_years"):
+        age = patient.age_years
+        pediatric = [
+            limit
+            for limit in limits
+            if limit.below_age is not None
+            and limit.min_age <= age < limit.below_age
+        ]
+        if pediatric:
+            return pediatric
+
+    return [limit for limit in limits if limit.below_age is None]
+
+
 def _unrouted_finding(
     medication: ScreenedMedication,
     unit: str,
@@ -141,7 +163,9 @@ def dose_findings(
                     )
                 )
                 continue
-        route_limits = _limits_for_route(limits, route)
+        route_limits = _limits_for_age(
+            _limits_for_route(limits, route), patient
+        )
         if not route_limits:
             gaps.append(
                 not_screened(
@@ -231,6 +255,16 @@ def _check_limit(
     by_weight = None
     if limit.max_daily_per_kg is not None and has_weight:
         by_weight = _in(limit.max_daily_per_kg, limit_unit) * patient.weight_kg
+    if limit.below_age is not None and limit.max_daily_per_kg is not None:
+        if by_weight is None:
+            gaps.append(
+                not_screened(
+                    subject,
+                    "weight not given, so the dose was not checked against "
+                    "the pediatric maximum per kg",
+                )
+            )
+            return None
     if patient.HasField("age_years") and patient.age_years < limit.min_age:
         if by_weight is None:
             gaps.append(
