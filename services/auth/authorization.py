@@ -1,5 +1,6 @@
 """Envoy's `envoy.service.auth.v3.Authorization` over the auth decision."""
 
+import base64
 import urllib.parse
 
 import grpc
@@ -18,6 +19,7 @@ from services.auth.decision import (
     AuthDecider,
     Decision,
     RequestFacts,
+    denial_status,
     error_body,
 )
 
@@ -78,11 +80,15 @@ def check_response(
         # and 429 would become UNAVAILABLE instead of RESOURCE_EXHAUSTED.
         headers["grpc-status"] = str(decision.code.value[0])
         headers["grpc-message"] = urllib.parse.quote(decision.message)
+        # The details a gRPC client reads: field violations, request id.
+        headers["grpc-status-details-bin"] = base64.b64encode(
+            denial_status(decision, facts.request_id).SerializeToString()
+        ).decode()
         headers["content-type"] = "application/grpc"
         body = ""
     else:
         headers["content-type"] = "application/json"
-        body = error_body(decision.code, decision.message, facts.request_id)
+        body = error_body(decision, facts.request_id)
 
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(
@@ -109,6 +115,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             path=http.path,
             headers=headers,
             request_id=headers.get("x-request-id", ""),
+            body=http.raw_body or http.body.encode(),
         )
         try:
             decision = await self._decider.decide(facts)

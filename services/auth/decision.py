@@ -19,11 +19,17 @@ from dataclasses import dataclass, field
 
 import grpc
 import structlog
+from google.protobuf import json_format
+from google.rpc import status_pb2
 
 from services.auth import keys
 from services.auth.store import AuthStore, Credential, IPNetwork
-from services.common import methods
-from services.common.errors import HTTP_STATUS_OF_CODE
+from services.common import methods, strict_body
+from services.common.errors import (
+    HTTP_STATUS_OF_CODE,
+    FieldViolation,
+    build_status,
+)
 from services.common.identity import (
     CLIENT_ADDRESS_HEADER,
     KEY_ID_HEADER,
@@ -63,6 +69,8 @@ class Decision:
     response_headers: dict[str, str] = field(default_factory=dict)
     # What the audit trail records of the decision.
     metadata: dict[str, str] = field(default_factory=dict)
+    # The invalid fields of a request denied as INVALID_ARGUMENT.
+    violations: list[FieldViolation] = field(default_factory=list)
 
     @property
     def http_status(self) -> int:
@@ -77,6 +85,8 @@ class RequestFacts:
     path: str
     headers: dict[str, str]
     request_id: str
+    # The request body as the edge buffered it (at most the body limit).
+    body: bytes = b""
 
 
 def next_utc_midnight(now: datetime.datetime) -> datetime.datetime:
@@ -131,6 +141,33 @@ def _address_allowed(address: str, allowlist: tuple[IPNetwork, ...]) -> bool:
     return any(client in network for network in allowlist)
 
 
+def _body_denial(
+    facts: RequestFacts, method: methods.Method, audit: dict
+) -> Decision | None:
+    """Deny a request whose body does not fit its RPC's message type."""
+    if method.input_type is None or not facts.body:
+        return None
+    if facts.headers.get("content-type", "").startswith("application/grpc"):
+        violations = strict_body.check_grpc_body(facts.body, method.input_type)
+    elif method.http is not None and method.http.body:
+        violations = strict_body.check_json_body(
+            facts.body, method.input_type, method.http.body
+        )
+    else:
+        return None
+    if not violations:
+        return None
+    fields = ", ".join(violation.field for violation in violations[:10])
+    decision = _deny(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"invalid request: fix the field(s) {fields}",
+        **audit,
+    )
+    decision.violations = violations
+
+    return decision
+
+
 def _deny(code: grpc.StatusCode, message: str, **metadata: str) -> Decision:
     return Decision(False, code, message, metadata=metadata)
 
@@ -166,11 +203,13 @@ class AuthDecider:
             "resource_type": method.resource_type,
         }
         if method.authentication == methods.Authentication.OPERATOR:
-            return self._decide_operator(facts, audit)
+            return self._decide_operator(facts, method, audit)
 
         return await self._decide_key(facts, method, audit)
 
-    def _decide_operator(self, facts: RequestFacts, audit: dict) -> Decision:
+    def _decide_operator(
+        self, facts: RequestFacts, method: methods.Method, audit: dict
+    ) -> Decision:
         header = facts.headers.get(AUTHORIZATION_HEADER, "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
@@ -187,6 +226,10 @@ class AuthDecider:
                 "invalid operator credential",
                 **audit,
             )
+
+        denial = _body_denial(facts, method, audit)
+        if denial is not None:
+            return denial
 
         return Decision(
             True,
@@ -225,6 +268,8 @@ class AuthDecider:
             "key_id": credential.key_id,
         }
         denial = self._access_denial(facts, method, credential, identity)
+        if denial is None:
+            denial = _body_denial(facts, method, identity)
 
         return await self._count(credential, identity, denial)
 
@@ -317,17 +362,16 @@ class AuthDecider:
         )
 
 
-def error_body(code: grpc.StatusCode, message: str, request_id: str) -> str:
-    """Render a denial as the JSON form of `google.rpc.Status`."""
-    details = []
-    if request_id:
-        details.append(
-            {
-                "@type": "type.googleapis.com/google.rpc.RequestInfo",
-                "requestId": request_id,
-            }
-        )
+def denial_status(decision: Decision, request_id: str) -> status_pb2.Status:
+    """Return a denial as `google.rpc.Status`, with its details."""
+    return build_status(
+        decision.code, decision.message, request_id, decision.violations
+    )
 
+
+def error_body(decision: Decision, request_id: str) -> str:
+    """Render a denial as the JSON form of `google.rpc.Status`."""
     return json.dumps(
-        {"code": code.value[0], "message": message, "details": details}
+        json_format.MessageToDict(denial_status(decision, request_id)),
+        separators=(",", ":"),
     )

@@ -10,15 +10,23 @@ from dataclasses import dataclass
 from functools import cache
 
 from arxio.audit.v1 import audit_pb2
-from arxio.auth.v1 import keys_pb2, operator_pb2
+from arxio.auth.v1 import ehr_pb2, keys_pb2, operator_pb2
 from arxio.billing.v1 import billing_pb2
-from arxio.cds.v1 import cds_pb2
+from arxio.cds.v1 import cds_pb2, hooks_pb2
 from arxio.common.v1 import policy_pb2
 from google.api import annotations_pb2
 from google.protobuf import descriptor
 
 # Every module whose services the edge exposes.
-PUBLIC_API_MODULES = (cds_pb2, keys_pb2, operator_pb2, audit_pb2, billing_pb2)
+PUBLIC_API_MODULES = (
+    cds_pb2,
+    keys_pb2,
+    operator_pb2,
+    audit_pb2,
+    billing_pb2,
+    hooks_pb2,
+    ehr_pb2,
+)
 
 Authentication = policy_pb2.MethodPolicy.Authentication
 
@@ -32,6 +40,9 @@ class HttpBinding:
     method: str
     template: str
     pattern: re.Pattern[str]
+    # The request field the JSON body fills: "*" for the whole message, ""
+    # for none (the fields come from the path and the query string).
+    body: str = ""
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,8 @@ class Method:
     # `ApiKey.Scope` value name the key needs, or "" for operator methods.
     scope: str
     http: HttpBinding | None
+    # The request message's type, for checking request bodies.
+    input_type: descriptor.Descriptor | None = None
 
 
 def snake_case(name: str) -> str:
@@ -68,7 +81,9 @@ def _http_binding(method: descriptor.MethodDescriptor) -> HttpBinding | None:
         for index, part in enumerate(parts)
     )
 
-    return HttpBinding(verb.upper(), template, re.compile(f"^{regex}$"))
+    return HttpBinding(
+        verb.upper(), template, re.compile(f"^{regex}$"), rule.body
+    )
 
 
 def _methods_of(service: descriptor.ServiceDescriptor) -> list[Method]:
@@ -91,6 +106,7 @@ def _methods_of(service: descriptor.ServiceDescriptor) -> list[Method]:
                 authentication=policy.authentication,
                 scope=policy.scope,
                 http=_http_binding(method),
+                input_type=method.input_type,
             )
         )
 
