@@ -10,7 +10,7 @@ includes them.
 import asyncio
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -28,6 +28,13 @@ MAX_RECOMMENDATIONS = 3
 # tokens, so the grammar closes the JSON before this limit in all but
 # degenerate replies.
 NUM_PREDICT = 320
+# Ollama options of a review unless ARXIO_MODEL_OPTIONS overrides them:
+# greedy decoding with a fixed seed, so that a review is repeatable.
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "temperature": 0,
+    "seed": 0,
+    "num_predict": NUM_PREDICT,
+}
 
 # The output schema sent as Ollama's `format`. Without minLength a small
 # model constrained by it tends to answer with empty strings, and without
@@ -267,12 +274,14 @@ async def run_model_review(
     findings: Sequence[cds_pb2.Finding],
     timeout: float,
     *,
-    num_predict: int = NUM_PREDICT,
+    options: Mapping[str, Any] = DEFAULT_OPTIONS,
+    keep_alive: str | float | None = None,
 ) -> tuple[cds_pb2.ModelReview, list[cds_pb2.Recommendation]]:
     """Ask the model to review a request and its findings; never raise.
 
-    A model server that is down, slow or failing gives status UNAVAILABLE,
-    and a reply outside SCHEMA gives INVALID, each with a reason.
+    `timeout` bounds the whole call, the connection included. A model
+    server that is down, slow or failing gives status UNAVAILABLE, and a
+    reply outside SCHEMA gives INVALID, each with a reason.
     """
     started = time.perf_counter()
     try:
@@ -281,15 +290,12 @@ async def run_model_review(
                 model=model,
                 messages=build_messages(request, findings),
                 format=SCHEMA,
-                options={
-                    "temperature": 0,
-                    "seed": 0,
-                    "num_predict": num_predict,
-                },
+                options=dict(options),
+                keep_alive=keep_alive,
                 stream=False,
             )
     except (TimeoutError, httpx.TimeoutException) as error:
-        reason = f"model server timed out after {timeout:g} s"
+        reason = f"model server timed out after {round(timeout, 1):g} s"
         return _failed(Status.UNAVAILABLE, model, reason, started, error)
     except ConnectionError as error:
         # The ollama client raises ConnectionError when it cannot connect.
@@ -308,6 +314,11 @@ async def run_model_review(
         # the response was not a chat response at all.
         reason = "model server sent a malformed response"
         return _failed(Status.UNAVAILABLE, model, reason, started, error)
+    except Exception as error:
+        # The response must carry the findings whatever the model client
+        # raises, so an error the branches above miss gives UNAVAILABLE.
+        reason = "model review failed unexpectedly"
+        return _failed(Status.UNAVAILABLE, model, reason, started, error)
 
     served_model = response.model or model
     content = response.message.content or ""
@@ -316,9 +327,11 @@ async def run_model_review(
     except json.JSONDecodeError:
         reason = "model output is not valid JSON"
         if response.done_reason == "length":
+            limit = options.get("num_predict")
             reason = (
-                "model output was cut off at the limit of "
-                f"{num_predict} tokens"
+                f"model output was cut off at the limit of {limit} tokens"
+                if limit
+                else "model output was cut off at the server's token limit"
             )
         return _failed(Status.INVALID, served_model, reason, started)
     problem = validate_reply(reply)

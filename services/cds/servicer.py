@@ -4,30 +4,25 @@ The request is PHI. It lives only in this call's memory: nothing of it is
 logged, stored or cached, and the response echoes no demographics.
 """
 
-import ollama
 from arxio.cds.v1 import cds_pb2, cds_pb2_grpc
 
 from services.cds.knowledge_base import KnowledgeBase
-from services.cds.model_review import run_model_review, skipped_review
+from services.cds.model_review import skipped_review
+from services.cds.model_reviewer import ModelReviewer
 from services.cds.screening import screen
 from services.cds.validation import validate_request
 from services.common.errors import abort_invalid
+from services.common.identity import caller_org_id
 
 
 class ClinicalReviewServicer(
     cds_pb2_grpc.ClinicalDecisionSupportServiceServicer
 ):
     def __init__(
-        self,
-        knowledge_base: KnowledgeBase,
-        model_client: ollama.AsyncClient,
-        model: str,
-        model_timeout: float,
+        self, knowledge_base: KnowledgeBase, model_reviewer: ModelReviewer
     ) -> None:
         self._knowledge_base = knowledge_base
-        self._model_client = model_client
-        self._model = model
-        self._model_timeout = model_timeout
+        self._model_reviewer = model_reviewer
 
     async def ClinicalReview(self, request, context):
         violations = validate_request(request)
@@ -35,18 +30,26 @@ class ClinicalReviewServicer(
             await abort_invalid(context, violations)
 
         screening = screen(request, self._knowledge_base)
+        # The response's findings and risk come from the screening alone.
+        # The model adds a summary and recommendations marked MODEL after
+        # the engine's own, and nothing it returns can change a finding.
         recommendations = list(screening.recommendations)
         wants_model = (
             not request.options.HasField("model_review")
             or request.options.model_review
         )
         if wants_model:
-            model_review, model_recommendations = await run_model_review(
-                self._model_client,
-                self._model,
+            # The org id comes from the auth decision: Envoy sets the
+            # header, and the server's interceptor rejects every peer whose
+            # certificate is not in ARXIO_ALLOWED_PEERS.
+            (
+                model_review,
+                model_recommendations,
+            ) = await self._model_reviewer.review(
                 request,
                 screening.findings,
-                self._model_timeout,
+                caller_org_id(context),
+                context.time_remaining(),
             )
             recommendations += model_recommendations
         else:
