@@ -60,3 +60,13 @@ lint:
 
 format:
 	$(VENV)/bin/ruff format services tests envoy protos
+
+.PHONY: evaluate bench-screening
+
+## evaluate: score the screening engine against the clinical evaluation cases; fails when a target is missed
+evaluate:
+	$(PY) -m services.cds.evaluate
+
+## bench-screening: time the screening of a 50-medication review on one core and update docs/benchmarks.md
+bench-screening:
+	$(PY) bench/screening.py
