@@ -70,3 +70,9 @@ evaluate:
 ## bench-screening: time the screening of a 50-medication review on one core and update docs/benchmarks.md
 bench-screening:
 	$(PY) bench/screening.py
+
+.PHONY: bench-auth
+
+## bench-auth: time the auth decision and the edge with and without it; update docs/benchmarks.md
+bench-auth:
+	$(PY) bench/auth.py
