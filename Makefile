@@ -76,3 +76,51 @@ bench-screening:
 ## bench-auth: time the auth decision and the edge with and without it; update docs/benchmarks.md
 bench-auth:
 	$(PY) bench/auth.py
+
+.PHONY: audit-retention bench-audit
+
+## audit-retention: drop audit partitions older than ARXIO_AUDIT_RETENTION_MONTHS (default 12) whole months; DATABASE_URL defaults to make run's embedded PostgreSQL
+audit-retention:
+	DATABASE_URL="$${DATABASE_URL:-postgresql://postgres@/postgres?host=$(CURDIR)/$(RUN_DIR)/postgres}" \
+	ARXIO_AUDIT_TRUSTED_KEYS="$${ARXIO_AUDIT_TRUSTED_KEYS:-$(RUN_DIR)/audit-signing.pub}" \
+		$(PY) -m services.audit.retention
+
+## bench-audit: measure audit ingest (batched and row by row) and filtered GET /v1/audit among a million entries; update docs/benchmarks.md
+bench-audit:
+	$(PY) bench/audit_ingest.py
+	$(PY) bench/audit_query.py
+
+.PHONY: openapi
+
+## openapi: write docs/openapi.json, the REST API's OpenAPI 3 document, from the protos
+openapi: protos
+	$(PY) -m services.common.openapi build/api_descriptor.pb docs/openapi.json
+
+.PHONY: k8s-render k8s-check k8s-tools
+
+## k8s-render: render Envoy's cluster config, k8s/base/config/envoy.yaml, from envoy/envoy.yaml.tmpl
+k8s-render:
+	$(PY) -m services.launcher.k8s_render
+
+## k8s-check: render every overlay under k8s/ and check it (schemas, policy, checkov), and lint the Dockerfile
+k8s-check: k8s-tools
+	$(VENV)/bin/pytest tests/k8s
+
+# checkov lives in a venv of its own: its packaging<24 pin conflicts with
+# pytest's. `make setup` installs it too, so `make test` can run it.
+CHECKOV_VENV := .venv-checkov
+
+k8s-tools: $(CHECKOV_VENV)/.installed
+
+$(CHECKOV_VENV)/.installed: k8s/tools/checkov-requirements.txt
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install --quiet --requirement $<
+	touch $@
+
+setup: k8s-tools
+
+.PHONY: bench-hooks
+
+## bench-hooks: time CDS Hooks calls through the local edge (p50, p99 per hook); update docs/benchmarks.md
+bench-hooks:
+	$(PY) bench/hooks.py

@@ -254,8 +254,7 @@ def report(checks: dict, edges: dict, rate: float) -> str:
             "",
             "| measure | value | target | met |",
             "| --- | --- | --- | --- |",
-            f"| `Check` p50 at {rate:.0f}/s | {checks['p50_ms']:.2f} ms | "
-            "| |",
+            f"| `Check` p50 at {rate:.0f}/s | {checks['p50_ms']:.2f} ms | | |",
             f"| `Check` p99 at {rate:.0f}/s | {checks['p99_ms']:.2f} ms | "
             f"< {TARGET_CHECK_P99_MS} ms | {'yes' if check_ok else 'no'} |",
             f"| `Check` CPU per 1,000 | {checks['cpu_s_per_1000']:.2f} s | "

@@ -1,10 +1,42 @@
 """Helpers that act on a running suite as an operator would."""
 
+import contextlib
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+from services.launcher.processes import free_port
+from services.launcher.stack import REPO_ROOT, Stack, StackSettings
+
+RUN_ROOT = REPO_ROOT / ".run"
+
+
+@contextlib.contextmanager
+def own_stack(rules_only: bool = True, **settings) -> Iterator[Stack]:
+    """Start a suite of its own for one test module, and stop it after.
+
+    The run folder is under .run rather than /tmp: the embedded PostgreSQL
+    runs as its own system user, which needs to traverse every parent.
+    With `rules_only`, the model server address has nothing behind it, so
+    no model runtime starts.
+    """
+    RUN_ROOT.mkdir(exist_ok=True)
+    run_dir = Path(tempfile.mkdtemp(prefix="test-", dir=RUN_ROOT))
+    run_dir.chmod(0o755)
+    defaults: dict = {"run_dir": run_dir, "edge_port": 0, "log_to_files": True}
+    if rules_only:
+        defaults["ollama_host"] = f"http://127.0.0.1:{free_port()}"
+    running = Stack(StackSettings(**(defaults | settings))).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def cli_process(stack, *arguments: str) -> subprocess.CompletedProcess:

@@ -13,6 +13,7 @@ loses the entries of that last interval; a restart or shutdown does not.
 """
 
 import asyncio
+import datetime
 import json
 import os
 import time
@@ -28,8 +29,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.audit import chain
 from services.audit.entries import AuditRow, InvalidLogLine, audit_row
-from services.common import db
-from services.common.config import Environment
+from services.common import db, metrics
+from services.common.config import ConfigError, Environment
 from services.common.logging import configure_logging
 
 log = structlog.get_logger()
@@ -243,12 +244,14 @@ class AuditIngester:
                         "audit.log_truncated", offset=offset, size=size
                     )
                     offset = 0
+                metrics.AUDIT_INGEST_BYTES_BEHIND.set(size - offset)
                 batch = read_batch(self._path, offset)
                 if batch.end == offset:
                     await _wait(stopping, IDLE_WAIT)
                     continue
                 started = time.perf_counter()
                 await self.store(batch, current_file)
+                _observe_stored(batch)
                 log.info(
                     "audit.batch_stored",
                     rows=len(batch.rows),
@@ -266,6 +269,7 @@ class AuditIngester:
             except (SQLAlchemyError, OSError) as error:
                 wait = RETRY_WAITS[min(failures, len(RETRY_WAITS) - 1)]
                 failures += 1
+                metrics.AUDIT_INGEST_FAILURES.inc()
                 log.error(
                     "audit.store_failed",
                     error=type(error).__name__,
@@ -292,6 +296,15 @@ class AuditIngester:
         return committed[1]
 
 
+def _observe_stored(batch: Batch) -> None:
+    committed = datetime.datetime.now(datetime.UTC)
+    for row in batch.rows:
+        lag = (committed - row.time).total_seconds()
+        metrics.AUDIT_INGEST_LAG_SECONDS.observe(max(lag, 0.0))
+    metrics.AUDIT_INGEST_ENTRIES.inc(len(batch.rows))
+    metrics.AUDIT_INGEST_SKIPPED_LINES.inc(batch.skipped_lines)
+
+
 async def _wait(stopping: asyncio.Event, seconds: float) -> None:
     try:
         await asyncio.wait_for(stopping.wait(), seconds)
@@ -308,6 +321,13 @@ async def main() -> None:
     source = env.text("ARXIO_AUDIT_SOURCE", "edge")
     engine = db.create_engine(env.text("DATABASE_URL"), pool_size=2)
     ingester = AuditIngester(db.session_factory(engine), path, source)
+    try:
+        metrics_server = metrics.start_metrics_server(
+            metrics.MetricsConfig.from_env(env)
+        )
+    except ConfigError as error:
+        log.error("audit.ingester_config_invalid", error=str(error))
+        raise SystemExit(2) from None
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -317,6 +337,8 @@ async def main() -> None:
         await ingester.run(stopping)
     finally:
         await engine.dispose()
+        if metrics_server is not None:
+            metrics_server.stop()
         log.info("audit.ingester_stopped", source=source)
 
 

@@ -1,5 +1,6 @@
 """Start the auth service: `python -m services.auth`."""
 
+import asyncio
 from dataclasses import dataclass
 
 from arxio.auth.v1 import keys_pb2_grpc, operator_pb2_grpc
@@ -8,7 +9,9 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 
 from services.auth.admin import AccountServicer, KeyServicer, OperatorServicer
 from services.auth.authorization import AuthorizationServicer
+from services.auth.credential_cache import CredentialCache
 from services.auth.decision import AuthDecider
+from services.auth.ehr_config import EhrConfig, ehr_access
 from services.auth.store import AuthStore
 from services.common import db
 from services.common.config import ConfigError, Environment, ServerConfig
@@ -23,6 +26,8 @@ class AuthConfig:
     operator_token_sha256: bytes
     # Client certificate names allowed to call the internal account API.
     account_peers: frozenset[str]
+    # Seconds a credential may be served from memory; 0 disables the cache.
+    cache_seconds: float
 
     @classmethod
     def from_env(cls, env: Environment) -> "AuthConfig":
@@ -42,6 +47,9 @@ class AuthConfig:
             database_url=env.text("DATABASE_URL"),
             operator_token_sha256=operator_digest,
             account_peers=env.names("ARXIO_ACCOUNT_PEERS", "billing"),
+            cache_seconds=env.number(
+                "ARXIO_AUTH_CACHE_SECONDS", 1.0, minimum=0
+            ),
         )
 
 
@@ -49,7 +57,24 @@ async def main() -> None:
     config = AuthConfig.from_env(Environment())
     engine = db.create_engine(config.database_url)
     store = AuthStore(db.session_factory(engine))
-    decider = AuthDecider(store, config.operator_token_sha256)
+    cache = CredentialCache(config.cache_seconds)
+    ehr_tokens, ehr_registration = ehr_access(
+        EhrConfig.from_env(Environment()), store, db.session_factory(engine)
+    )
+    decider = AuthDecider(
+        store,
+        config.operator_token_sha256,
+        cache=cache,
+        ehr_tokens=ehr_tokens,
+    )
+    stopping = asyncio.Event()
+    listener = asyncio.create_task(cache.listen(config.database_url, stopping))
+
+    async def stop() -> None:
+        stopping.set()
+        await listener
+        await engine.dispose()
+
     registrations = [
         Registration(
             external_auth_pb2_grpc.add_AuthorizationServicer_to_server,
@@ -72,13 +97,14 @@ async def main() -> None:
             "arxio.internal.v1.AccountService",
             allowed_peers=config.account_peers,
         ),
+        ehr_registration,
     ]
     await serve(
         "auth",
         config.server,
         registrations,
         check_ready=lambda: db.database_reachable(engine),
-        on_stop=engine.dispose,
+        on_stop=stop,
     )
 
 

@@ -515,3 +515,36 @@ class AccountServicer(accounts_pb2_grpc.AccountServiceServicer):
                 for day, count in rows
             ]
         )
+
+    async def SetOrganizationPlan(self, request, context):
+        if not _valid_uuid(request.org_id):
+            await abort_invalid(
+                context, [FieldViolation("orgId", "must be a UUID")]
+            )
+        current = list(request.current_plans)
+        if request.plan not in PLAN_VALUES or not set(current) <= PLAN_VALUES:
+            await abort_invalid(
+                context,
+                [FieldViolation("plan", "use FREE, PRO or ENTERPRISE")],
+            )
+        row, changed = await self._store.set_plan_if_current(
+            request.org_id,
+            plan_name(request.plan),
+            [plan_name(plan) for plan in current],
+        )
+        if row is None:
+            await abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"organization {request.org_id} not found",
+            )
+        log.info(
+            "auth.organization_plan_set",
+            org_id=row.org_id,
+            plan=row.plan,
+            changed=changed,
+        )
+
+        return accounts_pb2.SetOrganizationPlanResponse(
+            organization=organization_message(row), changed=changed
+        )

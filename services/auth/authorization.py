@@ -22,6 +22,7 @@ from services.auth.decision import (
     denial_status,
     error_body,
 )
+from services.common import metrics
 
 log = structlog.get_logger()
 
@@ -131,6 +132,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
                 grpc.StatusCode.UNAVAILABLE,
                 "authorization is unavailable: retry shortly",
             )
+        metrics.AUTH_DECISIONS.labels(decision.code.name).inc()
         log.info(
             "auth.decision",
             allowed=decision.allowed,

@@ -13,6 +13,7 @@ import datetime
 import hashlib
 import ipaddress
 import json
+import re
 import secrets
 import urllib.parse
 from dataclasses import dataclass, field
@@ -23,8 +24,14 @@ from google.protobuf import json_format
 from google.rpc import status_pb2
 
 from services.auth import keys
+from services.auth.credential_cache import CredentialCache
+from services.auth.ehr_tokens import (
+    EhrTokenVerifier,
+    JwksUnavailable,
+    TokenRejected,
+)
 from services.auth.store import AuthStore, Credential, IPNetwork
-from services.common import methods, strict_body
+from services.common import methods, metrics, strict_body
 from services.common.errors import (
     HTTP_STATUS_OF_CODE,
     FieldViolation,
@@ -32,6 +39,7 @@ from services.common.errors import (
 )
 from services.common.identity import (
     CLIENT_ADDRESS_HEADER,
+    HOOKS_MODEL_TIMEOUT_HEADER,
     KEY_ID_HEADER,
     ORG_ID_HEADER,
     PRINCIPAL_HEADER,
@@ -53,6 +61,7 @@ IDENTITY_HEADERS = (
     KEY_ID_HEADER,
     SCOPES_HEADER,
     PRINCIPAL_HEADER,
+    HOOKS_MODEL_TIMEOUT_HEADER,
 )
 
 
@@ -128,6 +137,41 @@ def _credential_in_query(path: str) -> bool:
     return False
 
 
+def _url_is_utf8(path: str) -> bool:
+    """Tell whether a URL's percent-encoded bytes decode as UTF-8.
+
+    The transcoder copies path and query values into string fields, and a
+    gRPC server fails a message whose string field is not UTF-8 with an
+    internal error instead of a client error.
+    """
+    try:
+        urllib.parse.unquote_to_bytes(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+
+    return True
+
+
+# What gRPC metadata allows: these characters in a header name, and
+# printable ASCII in the value unless the name ends in -bin. A gRPC server
+# fails a call whose metadata breaks this with INTERNAL, not a client error.
+_METADATA_NAME = re.compile(r"^[0-9a-z_.-]+$")
+_METADATA_VALUE = re.compile(r"^[\x20-\x7e]*$")
+
+
+def _invalid_header(headers: dict[str, str]) -> str | None:
+    """Return the first header that cannot travel as gRPC metadata."""
+    for name, value in headers.items():
+        if name.startswith(":"):
+            continue
+        if not _METADATA_NAME.match(name):
+            return name
+        if not name.endswith("-bin") and not _METADATA_VALUE.match(value):
+            return name
+
+    return None
+
+
 def _address_allowed(address: str, allowlist: tuple[IPNetwork, ...]) -> bool:
     """Tell whether a client address falls in any range of an allowlist."""
     try:
@@ -178,8 +222,14 @@ class AuthDecider:
         store: AuthStore,
         operator_token_sha256: bytes,
         clock=lambda: datetime.datetime.now(datetime.UTC),
+        cache: CredentialCache | None = None,
+        ehr_tokens: EhrTokenVerifier | None = None,
     ) -> None:
         self._store = store
+        self._cache = cache
+        # None in tests that need no CDS Hooks: API keys only, and hooks
+        # calls get no model review.
+        self._ehr_tokens = ehr_tokens
         self._operator_token_sha256 = operator_token_sha256
         self._clock = clock
 
@@ -190,6 +240,20 @@ class AuthDecider:
                 "API keys are accepted only in the X-API-Key header, never "
                 "in the URL: a key sent in a URL may be stored by proxies "
                 "and browsers, so revoke it and create a new one",
+            )
+        if not _url_is_utf8(facts.path):
+            return _deny(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "invalid URL: its percent-encoded bytes are not UTF-8; "
+                "encode path and query values as UTF-8",
+            )
+        invalid_header = _invalid_header(facts.headers)
+        if invalid_header is not None:
+            return _deny(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"invalid header {invalid_header[:64]!r}: names may contain "
+                "only a-z, 0-9, '-', '_' and '.', and values only printable "
+                "ASCII",
             )
         method = methods.find_method(facts.http_method, facts.path)
         if method is None:
@@ -204,6 +268,8 @@ class AuthDecider:
         }
         if method.authentication == methods.Authentication.OPERATOR:
             return self._decide_operator(facts, method, audit)
+        if method.authentication == methods.Authentication.CDS_HOOKS:
+            return await self._decide_hooks(facts, method, audit)
 
         return await self._decide_key(facts, method, audit)
 
@@ -253,9 +319,7 @@ class AuthDecider:
                 "invalid API key: check that it was copied whole",
                 **audit,
             )
-        credential = await self._store.find_credential(
-            keys.key_hash(presented)
-        )
+        credential = await self._find_credential(keys.key_hash(presented))
         if credential is None:
             return _deny(
                 grpc.StatusCode.UNAUTHENTICATED,
@@ -272,6 +336,92 @@ class AuthDecider:
             denial = _body_denial(facts, method, identity)
 
         return await self._count(credential, identity, denial)
+
+    async def _decide_hooks(
+        self, facts: RequestFacts, method: methods.Method, audit: dict
+    ) -> Decision:
+        """Authenticate a CDS Hooks call by API key or by an EHR's JWT."""
+        scheme, _, token = facts.headers.get(
+            AUTHORIZATION_HEADER, ""
+        ).partition(" ")
+        if facts.headers.get(API_KEY_HEADER, "").strip():
+            decision = await self._decide_key(facts, method, audit)
+        elif scheme.lower() == "bearer" and token.strip():
+            decision = await self._decide_ehr_token(
+                facts, method, audit, token.strip()
+            )
+        else:
+            return _deny(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing credential: send an API key in the X-API-Key "
+                "header or a CDS Hooks JWT as 'Authorization: Bearer <jwt>'",
+                **audit,
+            )
+        if decision.allowed and self._ehr_tokens is not None:
+            timeout_ms = await self._ehr_tokens.store.model_review_timeout_ms(
+                decision.upstream_headers[ORG_ID_HEADER]
+            )
+            decision.upstream_headers[HOOKS_MODEL_TIMEOUT_HEADER] = str(
+                timeout_ms
+            )
+
+        return decision
+
+    async def _decide_ehr_token(
+        self,
+        facts: RequestFacts,
+        method: methods.Method,
+        audit: dict,
+        token: str,
+    ) -> Decision:
+        if self._ehr_tokens is None:
+            return _deny(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "CDS Hooks JWTs are not accepted by this deployment: use "
+                "an API key",
+                **audit,
+            )
+        path = facts.path.split("?", 1)[0]
+        if method.http is None or not method.http.pattern.match(path):
+            return _deny(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "CDS Hooks JWTs are accepted on the REST routes under "
+                "/cds-services only: native gRPC calls need an API key",
+                **audit,
+            )
+        try:
+            issuer = await self._ehr_tokens.verify(token, path)
+        except TokenRejected as rejection:
+            log.info(
+                "auth.ehr_token_rejected",
+                request_id=facts.request_id,
+                reason=str(rejection)[:200],
+            )
+            return _deny(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"invalid CDS Hooks JWT: {rejection}",
+                **audit,
+            )
+        except JwksUnavailable:
+            return _deny(
+                grpc.StatusCode.UNAVAILABLE,
+                "the EHR's JWK Set could not be fetched to verify the JWT: "
+                "retry shortly",
+                **audit,
+            )
+        credential = issuer.credential
+        identity = {
+            **audit,
+            "org_id": credential.org_id,
+            "key_id": credential.key_id,
+        }
+        denial = self._access_denial(facts, method, credential, identity)
+        decision = await self._count(credential, identity, denial)
+        if decision.allowed:
+            decision.upstream_headers[PRINCIPAL_HEADER] = "ehr_jwt"
+            decision.metadata["principal"] = "ehr_jwt"
+
+        return decision
 
     def _access_denial(
         self,
@@ -309,6 +459,21 @@ class AuthDecider:
 
         return None
 
+    async def _find_credential(self, digest: bytes) -> Credential | None:
+        if self._cache is not None:
+            cached = self._cache.get(digest)
+            if cached is not None:
+                # An expiry time passes without a change to notify about.
+                if cached.expire_time is None or cached.expire_time > (
+                    self._clock()
+                ):
+                    return cached
+        credential = await self._store.find_credential(digest)
+        if credential is not None and self._cache is not None:
+            self._cache.put(digest, credential)
+
+        return credential
+
     async def _count(
         self,
         credential: Credential,
@@ -334,6 +499,7 @@ class AuthDecider:
 
             return denial
         if used is None:
+            metrics.QUOTA_DENIALS.inc()
             decision = _deny(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"daily request limit of {limit} reached for organization "

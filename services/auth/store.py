@@ -44,6 +44,8 @@ class Credential:
     plan: str
     org_state: str
     ip_allowlist: tuple[IPNetwork, ...]
+    # When the key stops working on its own, if ever.
+    expire_time: datetime.datetime | None = None
 
 
 _ORG_COLUMNS = (
@@ -81,7 +83,8 @@ class AuthStore:
                 await session.execute(
                     text(
                         "SELECT k.key_id, k.org_id::text, k.scopes, o.plan,"
-                        " o.state, o.ip_allowlist::text[] FROM auth.api_keys k"
+                        " o.state, o.ip_allowlist::text[], k.expire_time"
+                        " FROM auth.api_keys k"
                         " JOIN auth.organizations o USING (org_id)"
                         " WHERE k.key_sha256 = :digest"
                         " AND k.revoke_time IS NULL"
@@ -100,6 +103,7 @@ class AuthStore:
             plan=row[3],
             org_state=row[4],
             ip_allowlist=tuple(ipaddress.ip_network(cidr) for cidr in row[5]),
+            expire_time=row[6],
         )
 
     async def count_request(
@@ -189,6 +193,38 @@ class AuthStore:
             ).first()
 
         return None if row is None else _organization_row(row)
+
+    async def set_plan_if_current(
+        self, org_id: str, plan: str, current_plans: list[str]
+    ) -> tuple[OrganizationRow | None, bool]:
+        """Set the plan while the current one is in `current_plans`.
+
+        An empty `current_plans` allows any. Return the row as it is after
+        the statement, or None when the organization does not exist, and
+        whether the plan changed. One statement, so a concurrent operator
+        change cannot be overwritten.
+        """
+        async with self._sessions.begin() as session:
+            row = (
+                await session.execute(
+                    text(
+                        "UPDATE auth.organizations SET plan = :plan"
+                        " WHERE org_id = :org_id AND plan <> :plan"
+                        " AND (cardinality(CAST(:current AS text[])) = 0"
+                        " OR plan = ANY(CAST(:current AS text[])))"
+                        f" RETURNING {_ORG_COLUMNS}"
+                    ),
+                    {
+                        "org_id": org_id,
+                        "plan": plan,
+                        "current": current_plans,
+                    },
+                )
+            ).first()
+        if row is not None:
+            return _organization_row(row), True
+
+        return await self.get_organization(org_id), False
 
     async def list_organizations(
         self, limit: int, after: tuple[datetime.datetime, str] | None

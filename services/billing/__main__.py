@@ -1,14 +1,22 @@
 """Start the billing service: `python -m services.billing`."""
 
-from dataclasses import dataclass
+import asyncio
 
 import grpc
+import structlog
 from arxio.billing.v1 import billing_pb2_grpc
 from arxio.internal.v1 import accounts_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.billing.accounts import AccountsClient
+from services.billing.config import BillingConfig
+from services.billing.events import EventProcessor
 from services.billing.servicers import BillingServicer
-from services.common.config import Environment, ServerConfig
+from services.billing.store import BillingStore
+from services.billing.stripe_gateway import StripeGateway
+from services.billing.usage_reports import UsageReporter
+from services.common import db
+from services.common.config import Environment
 from services.common.server import (
     Registration,
     channel_credentials,
@@ -16,37 +24,59 @@ from services.common.server import (
     serve,
 )
 
-
-@dataclass(frozen=True)
-class BillingConfig:
-    server: ServerConfig
-    # host:port of the auth service, whose certificate must name that host.
-    auth_address: str
-
-    @classmethod
-    def from_env(cls, env: Environment) -> "BillingConfig":
-        return cls(
-            server=ServerConfig.from_env(env, default_port=50054),
-            auth_address=env.text("ARXIO_AUTH_ADDRESS", "127.0.0.1:50051"),
-        )
+log = structlog.get_logger()
 
 
 async def main() -> None:
     config = BillingConfig.from_env(Environment())
+    engine = db.create_engine(config.database_url)
+    billing_store = BillingStore(db.session_factory(engine))
     channel = grpc.aio.secure_channel(
         config.auth_address, channel_credentials(config.server)
     )
     health_stub = health_pb2_grpc.HealthStub(channel)
+    accounts = AccountsClient(accounts_pb2_grpc.AccountServiceStub(channel))
+    gateway = None
+    pro_price_id = None
+    if config.stripe is not None:
+        gateway = StripeGateway(config.stripe)
+        pro_price_id = config.stripe.pro_price_id
+    log.info(
+        "billing.configured",
+        stripe_calls=gateway is not None,
+        webhooks=config.webhook_secret is not None,
+    )
 
-    async def auth_serving() -> bool:
+    stopping = asyncio.Event()
+    reporting = None
+    if gateway is not None:
+        reporter = UsageReporter(
+            billing_store,
+            accounts,
+            gateway,
+            config.usage_report,
+            config.stripe.meter_event_name,
+        )
+        reporting = asyncio.create_task(reporter.run_forever(stopping))
+
+    async def ready() -> bool:
         reply = await health_stub.Check(
             health_pb2.HealthCheckRequest(
                 service="arxio.internal.v1.AccountService"
             ),
             timeout=2,
         )
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            return False
 
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
+        return await db.database_reachable(engine)
+
+    async def stop() -> None:
+        stopping.set()
+        if reporting is not None:
+            await reporting
+        await channel.close()
+        await engine.dispose()
 
     await serve(
         "billing",
@@ -54,12 +84,19 @@ async def main() -> None:
         [
             Registration(
                 billing_pb2_grpc.add_BillingServiceServicer_to_server,
-                BillingServicer(accounts_pb2_grpc.AccountServiceStub(channel)),
+                BillingServicer(
+                    accounts,
+                    billing_store,
+                    EventProcessor(billing_store, accounts, pro_price_id),
+                    gateway,
+                    config.webhook_secret,
+                    config.webhook_tolerance,
+                ),
                 "arxio.billing.v1.BillingService",
             )
         ],
-        check_ready=auth_serving,
-        on_stop=channel.close,
+        check_ready=ready,
+        on_stop=stop,
     )
 
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import ollama
 from arxio.cds.v1 import cds_pb2_grpc
 
+from services.cds import hooks
 from services.cds.knowledge_base import load_knowledge_base
 from services.cds.model_config import ModelConfig
 from services.cds.model_presence import MODEL_HEALTH_NAME, ModelPresence
@@ -51,7 +52,10 @@ async def main() -> None:
                 cds_pb2_grpc.add_ClinicalDecisionSupportServiceServicer_to_server,
                 servicer,
                 "arxio.cds.v1.ClinicalDecisionSupportService",
-            )
+            ),
+            hooks.registration(
+                knowledge_base, client, config.model, Environment()
+            ),
         ],
         on_stop=client.close,
         dependencies=[

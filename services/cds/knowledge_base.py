@@ -11,7 +11,7 @@ that class when the files load.
 
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
@@ -23,6 +23,7 @@ from services.cds.knowledge_entries import (
     entry_list,
     read_module,
 )
+from services.cds.knowledge_index import KnowledgeIndex, build_index
 from services.cds.rules import (
     AgeRule,
     AllergyClass,
@@ -124,6 +125,27 @@ class KnowledgeBase:
     allergy_terms: Mapping[tuple[str, ...], str]
     condition_terms: Mapping[tuple[str, ...], str]
     max_name_words: int
+    # Derived from the fields above when the knowledge base is built.
+    index: KnowledgeIndex = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # The dataclass is frozen, so its derived field is set this way.
+        object.__setattr__(
+            self,
+            "index",
+            build_index(
+                drugs=self.drugs,
+                conditions=self.conditions,
+                interactions=self.interactions,
+                condition_rules=self.condition_rules,
+                age_rules=self.age_rules,
+                pregnancy_rules=self.pregnancy_rules,
+                lactation_rules=self.lactation_rules,
+                renal_rules=self.renal_rules,
+                duplicate_rules=self.duplicate_rules,
+                dose_limits=self.dose_limits,
+            ),
+        )
 
     def class_members(self, class_id: str) -> frozenset[str]:
         return frozenset(
@@ -179,21 +201,13 @@ class KnowledgeBase:
         found: set[str] = set()
         unknown_icd10 = False
         if icd10.strip():
-            by_code = {
-                condition.id
-                for condition in self.conditions.values()
-                if condition.matches_icd10(icd10)
-            }
+            by_code = self.index.icd10_conditions(icd10)
             found |= by_code
             unknown_icd10 = not by_code
         unknown_snomed = False
         if snomed.strip():
-            by_snomed = {
-                condition.id
-                for condition in self.conditions.values()
-                if snomed.strip() in condition.snomed_codes
-            }
-            found |= by_snomed
+            by_snomed = self.index.snomed_codes.get(snomed.strip(), ())
+            found.update(by_snomed)
             unknown_snomed = not by_snomed
         if name.strip():
             (by_name,), _ = scan_phrases(

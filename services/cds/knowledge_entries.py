@@ -6,9 +6,8 @@ load with its file name, the entry's id and the field.
 """
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from arxio.cds.v1 import cds_pb2
 
@@ -19,9 +18,12 @@ SEVERITIES = {
 }
 
 
-@dataclass(frozen=True)
-class Source:
-    """Citation of an entry: a short label, the reference and a link."""
+class Source(NamedTuple):
+    """Citation of an entry: a short label, the reference and a link.
+
+    A named tuple rather than a dataclass, because screening hashes the
+    source of every finding, and a tuple hashes without a Python call.
+    """
 
     label: str
     citation: str

@@ -18,6 +18,8 @@ import ollama
 import structlog
 from arxio.cds.v1 import cds_pb2
 
+from services.common import metrics
+
 log = structlog.get_logger()
 
 SUMMARY_MAX_CHARS = 240
@@ -344,6 +346,7 @@ async def run_model_review(
         cds_pb2.Recommendation(text=text, origin=cds_pb2.Recommendation.MODEL)
         for text in texts
     ]
+    metrics.observe_model_call("ok", time.perf_counter() - started)
     log.info(
         "model review finished",
         status="OK",
@@ -362,6 +365,18 @@ def _elapsed_ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 1)
 
 
+def _call_outcome(status: int, error: BaseException | None) -> str:
+    """Name a failed call's outcome for the metrics, from a fixed set."""
+    if status == Status.INVALID:
+        return "invalid"
+    if isinstance(error, TimeoutError | httpx.TimeoutException):
+        return "timeout"
+    if isinstance(error, ConnectionError | httpx.ConnectError):
+        return "unreachable"
+
+    return "error"
+
+
 def _failed(
     status: int,
     model: str,
@@ -369,6 +384,9 @@ def _failed(
     started: float,
     error: BaseException | None = None,
 ) -> tuple[cds_pb2.ModelReview, list[cds_pb2.Recommendation]]:
+    metrics.observe_model_call(
+        _call_outcome(status, error), time.perf_counter() - started
+    )
     # Only the exception's type is logged: its message may quote the reply.
     log.warning(
         "model review failed",

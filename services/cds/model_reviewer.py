@@ -19,6 +19,7 @@ from services.cds.model_breaker import CircuitBreaker, Permit
 from services.cds.model_config import ModelConfig
 from services.cds.model_limiter import FairLimiter
 from services.cds.model_review import run_model_review
+from services.common import metrics
 
 log = structlog.get_logger()
 
@@ -69,11 +70,12 @@ class ModelReviewer:
         if budget <= 0:
             return self._skipped(
                 "model review skipped: the request's deadline leaves no "
-                "time for it"
+                "time for it",
+                "deadline",
             )
         rejection = self.breaker.rejection()
         if rejection is not None:
-            return self._skipped(rejection)
+            return self._skipped(rejection, "breaker_open")
 
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget
@@ -84,7 +86,8 @@ class ModelReviewer:
             return self._skipped(
                 "model review skipped: no model call slot became free "
                 f"within the {round(budget, 1):g} s deadline (concurrency "
-                f"limit {self.limiter.limit})"
+                f"limit {self.limiter.limit})",
+                "no_slot",
             )
         try:
             return await self._call_model(
@@ -103,14 +106,16 @@ class ModelReviewer:
         if remaining <= 0:
             return self._skipped(
                 "model review skipped: no time was left of the "
-                f"{round(budget, 1):g} s deadline after the wait for a slot"
+                f"{round(budget, 1):g} s deadline after the wait for a slot",
+                "deadline",
             )
         # The breaker may have opened while this review waited for a slot.
         permit = self.breaker.admit()
         if permit is None:
             return self._skipped(
                 self.breaker.rejection()
-                or "model review skipped: the circuit breaker is open"
+                or "model review skipped: the circuit breaker is open",
+                "breaker_open",
             )
 
         result: ReviewResult | None = None
@@ -138,8 +143,10 @@ class ModelReviewer:
         else:
             self.breaker.record_failure(permit, review.reason)
 
-    def _skipped(self, reason: str) -> ReviewResult:
+    def _skipped(self, reason: str, cause: str) -> ReviewResult:
         # The reason holds counts and limits only, never request text.
+        # `cause` is the reason's fixed name in the metrics.
+        metrics.MODEL_REVIEWS_SKIPPED.labels(cause).inc()
         log.info(
             "model review skipped",
             status="UNAVAILABLE",

@@ -18,6 +18,8 @@ from services.cds.vocabulary import Vocabulary, name_words
 # Fields every finding-producing rule has, besides its own.
 _FINDING_FIELDS = ("id", "severity", "summary", "detail", "action", "source")
 _ICD10_PREFIX = re.compile(r"^[A-Z][0-9]{2}[0-9A-Z]{0,4}$")
+# Read once, because each attribute read of a protobuf enum is a lookup.
+SEVERE_ALLERGY = cds_pb2.Allergy.Severity.SEVERE
 
 
 def normalize_icd10(code: str) -> str:
@@ -85,7 +87,7 @@ class AllergyRule(Rule):
 
     def severity_for(self, allergy_severity: int) -> int:
         """Return the finding severity for an allergy of this severity."""
-        if allergy_severity == cds_pb2.Allergy.Severity.SEVERE:
+        if allergy_severity == SEVERE_ALLERGY:
             return self.severe_reaction_severity
 
         return self.text.severity

@@ -15,15 +15,18 @@ from pathlib import Path
 import grpc
 from arxio.audit.v1 import audit_pb2, audit_pb2_grpc
 from arxio.auth.v1 import (
+    ehr_pb2,
+    ehr_pb2_grpc,
     keys_pb2,
     operator_pb2,
     operator_pb2_grpc,
     organization_pb2,
 )
-from google.protobuf import json_format
+from google.protobuf import duration_pb2, json_format
 from google.rpc import error_details_pb2, status_pb2
 
 from services.audit import chain
+from services.common import certs
 
 CHECKOUT_RUN_DIR = Path(__file__).resolve().parents[2] / ".run"
 DEADLINE = 10.0
@@ -215,6 +218,94 @@ def _create_key(stub, args) -> dict:
     return {"apiKey": reply.api_key, **_to_json(reply.key)}
 
 
+def _register_ehr(stub, args) -> dict:
+    return _to_json(
+        stub.RegisterEhrIssuer(
+            ehr_pb2.RegisterEhrIssuerRequest(
+                org_id=args.org, issuer=args.issuer, jwks_url=args.jwks_url
+            ),
+            **args.call,
+        )
+    )
+
+
+def _list_ehrs(stub, args) -> dict:
+    return _to_json(
+        stub.ListEhrIssuers(
+            ehr_pb2.ListEhrIssuersRequest(org_id=args.org), **args.call
+        )
+    )
+
+
+def _delete_ehr(stub, args) -> dict:
+    return _to_json(
+        stub.DeleteEhrIssuer(
+            ehr_pb2.DeleteEhrIssuerRequest(
+                org_id=args.org, issuer_id=args.issuer_id
+            ),
+            **args.call,
+        )
+    )
+
+
+def _set_hooks_model_review(stub, args) -> dict:
+    timeout = duration_pb2.Duration()
+    timeout.FromMilliseconds(round(args.timeout * 1000))
+
+    return _to_json(
+        stub.SetCdsHooksSettings(
+            ehr_pb2.SetCdsHooksSettingsRequest(
+                org_id=args.org, model_review_timeout=timeout
+            ),
+            **args.call,
+        )
+    )
+
+
+def _certs_dir(args) -> Path:
+    path = Path(
+        args.certs_dir
+        or os.environ.get("ARXIO_CERTS_DIR", "").strip()
+        or CHECKOUT_RUN_DIR / "certs"
+    )
+    if not (path / "edge.crt").is_file():
+        raise CliError(
+            f"no edge certificate in {path}: pass --certs-dir, set "
+            "ARXIO_CERTS_DIR, or run `make certs`"
+        )
+
+    return path
+
+
+def _edge_pins(args) -> dict:
+    path = _certs_dir(args)
+    if not (path / certs.BACKUP_EDGE_KEY).is_file():
+        certs.ensure_certificates(path)
+    pins = certs.edge_pins(path)
+
+    return {
+        "edge": {"pin": pins["edge"], "certificate": str(path / "edge.crt")},
+        "backup": {
+            "pin": pins["backup"],
+            "key": str(path / certs.BACKUP_EDGE_KEY),
+        },
+    }
+
+
+def _renew_edge_certificate(args) -> dict:
+    path = _certs_dir(args)
+    certs.renew_edge_certificate(path)
+
+    return _edge_pins(args)
+
+
+def _rotate_edge_key(args) -> dict:
+    path = _certs_dir(args)
+    certs.rotate_edge_key(path)
+
+    return _edge_pins(args)
+
+
 def field_violations(error: grpc.RpcError) -> list[tuple[str, str]]:
     """Return the field violations in an error's google.rpc.Status."""
     trailers = dict(error.trailing_metadata() or ())
@@ -298,6 +389,91 @@ def build_parser() -> argparse.ArgumentParser:
         help="a scope of the key; repeat for several (default: all)",
     )
     create_key.set_defaults(run=_create_key)
+
+    ehr = commands.add_parser(
+        "ehr", help="manage the EHRs that call CDS Hooks with signed JWTs"
+    )
+    ehr_commands = ehr.add_subparsers(dest="command", required=True)
+    register = ehr_commands.add_parser(
+        "register",
+        help="trust an EHR's CDS Hooks JWTs as calls of an organization",
+    )
+    register.add_argument("--org", required=True, help="organization id")
+    register.add_argument(
+        "--issuer", required=True, help="the JWT iss value the EHR sends"
+    )
+    register.add_argument(
+        "--jwks-url",
+        required=True,
+        help="https URL of the EHR's JWK Set (its public keys)",
+    )
+    register.set_defaults(
+        run=_register_ehr, stub=ehr_pb2_grpc.EhrAccessServiceStub
+    )
+    list_ehrs = ehr_commands.add_parser(
+        "list", help="list an organization's registered EHR issuers"
+    )
+    list_ehrs.add_argument("--org", required=True, help="organization id")
+    list_ehrs.set_defaults(
+        run=_list_ehrs, stub=ehr_pb2_grpc.EhrAccessServiceStub
+    )
+    delete_ehr = ehr_commands.add_parser(
+        "delete", help="stop trusting an EHR issuer's JWTs"
+    )
+    delete_ehr.add_argument("--org", required=True, help="organization id")
+    delete_ehr.add_argument(
+        "--issuer-id", required=True, help="issuerId from `arxio ehr list`"
+    )
+    delete_ehr.set_defaults(
+        run=_delete_ehr, stub=ehr_pb2_grpc.EhrAccessServiceStub
+    )
+    model_review = ehr_commands.add_parser(
+        "set-model-review",
+        help="turn the model review of an organization's CDS Hooks calls "
+        "on (with a deadline) or off",
+    )
+    model_review.add_argument("--org", required=True, help="organization id")
+    model_review.add_argument(
+        "--timeout",
+        type=float,
+        required=True,
+        help="seconds the model review may take, 0.1 to 10; 0 turns it off",
+    )
+    model_review.set_defaults(
+        run=_set_hooks_model_review, stub=ehr_pb2_grpc.EhrAccessServiceStub
+    )
+
+    edge = commands.add_parser(
+        "edge", help="the edge's certificate pins (no network access)"
+    )
+    edge_commands = edge.add_subparsers(dest="command", required=True)
+    for command, run, text in (
+        (
+            "pins",
+            _edge_pins,
+            "print the SHA-256 pins of the edge key and of the backup key",
+        ),
+        (
+            "renew-certificate",
+            _renew_edge_certificate,
+            "issue a new edge certificate for the same key (the pins stay "
+            "valid); restart Envoy afterwards",
+        ),
+        (
+            "rotate-key",
+            _rotate_edge_key,
+            "move the edge to the backup key and create a new backup key; "
+            "restart Envoy afterwards",
+        ),
+    ):
+        edge_command = edge_commands.add_parser(command, help=text)
+        edge_command.add_argument(
+            "--certs-dir",
+            default="",
+            help="folder of edge.crt, edge.key and edge-backup.key "
+            "(default: ARXIO_CERTS_DIR, else the checkout's .run/certs)",
+        )
+        edge_command.set_defaults(run=run, stub=None)
 
     audit = commands.add_parser("audit", help="verify audit trails")
     audit_commands = audit.add_subparsers(dest="command", required=True)

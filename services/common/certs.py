@@ -6,7 +6,9 @@ Existing files are kept, so running it again changes nothing. In Kubernetes
 the same files come from Secrets instead.
 """
 
+import base64
 import datetime
+import hashlib
 import ipaddress
 import sys
 from pathlib import Path
@@ -18,11 +20,24 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 # Each component gets one certificate for both serving and calling others;
 # its common name is the peer name services check.
-COMPONENTS = ("edge", "envoy", "auth", "cds", "audit", "billing")
+COMPONENTS = ("edge", "envoy", "auth", "cds", "audit", "billing", "ollama")
 # The edge certificate is the public one clients see; "envoy" is Envoy's
 # client certificate towards the services, with the peer name "edge".
 PEER_NAMES = {"envoy": "edge"}
+# Further DNS names: each pod of the Ollama StatefulSet in Kubernetes has
+# its own name under the headless Service `ollama-pods`, which the job that
+# pulls the model calls one by one. OpenSSL matches a wildcard only when
+# two or more labels follow it, so there is no `*.ollama-pods`.
+EXTRA_DNS_NAMES = {
+    "ollama": (
+        "*.ollama-pods.arxio.svc",
+        "*.ollama-pods.arxio.svc.cluster.local",
+    )
+}
 VALIDITY = datetime.timedelta(days=365)
+# A second edge key, unused until the edge key must be replaced. Clients
+# that pin the edge key pin this one too, so a key rotation keeps working.
+BACKUP_EDGE_KEY = "edge-backup.key"
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
@@ -101,8 +116,10 @@ def _issue(
     component: str,
     ca_cert: x509.Certificate,
     ca_key: ec.EllipticCurvePrivateKey,
+    key: ec.EllipticCurvePrivateKey | None = None,
 ) -> None:
-    key = _key()
+    """Issue a component's certificate, for `key` or for a new key."""
+    key = key or _key()
     common_name = PEER_NAMES.get(component, component)
     names = [
         x509.DNSName(component),
@@ -111,6 +128,9 @@ def _issue(
         x509.DNSName("localhost"),
         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
         x509.IPAddress(ipaddress.ip_address("::1")),
+    ]
+    names += [
+        x509.DNSName(name) for name in EXTRA_DNS_NAMES.get(component, ())
     ]
     now = datetime.datetime.now(datetime.UTC)
     cert = (
@@ -153,8 +173,60 @@ def ensure_certificates(output: Path) -> Path:
     for component in COMPONENTS:
         if not (output / f"{component}.crt").exists():
             _issue(output, component, ca_cert, ca_key)
+    if not (output / BACKUP_EDGE_KEY).exists():
+        _write_key(output / BACKUP_EDGE_KEY, _key())
 
     return output
+
+
+def spki_pin(public_key) -> str:
+    """Return the SHA-256 pin of a public key, as `sha256/<base64>`.
+
+    The digest covers the DER SubjectPublicKeyInfo, as RFC 7469 pins do,
+    so it stays the same across certificates for the same key.
+    """
+    info = public_key.public_bytes(
+        serialization.Encoding.DER,
+        serialization.PublicFormat.SubjectPublicKeyInfo,
+    )
+
+    return "sha256/" + base64.b64encode(hashlib.sha256(info).digest()).decode()
+
+
+def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    return serialization.load_pem_private_key(path.read_bytes(), None)
+
+
+def edge_pins(output: Path) -> dict[str, str]:
+    """Return the pins of the edge certificate's key and of the backup key."""
+    cert = x509.load_pem_x509_certificate((output / "edge.crt").read_bytes())
+
+    return {
+        "edge": spki_pin(cert.public_key()),
+        "backup": spki_pin(_load_key(output / BACKUP_EDGE_KEY).public_key()),
+    }
+
+
+def renew_edge_certificate(output: Path) -> None:
+    """Issue a new edge certificate for the edge's existing key.
+
+    The pin, which covers the key and not the certificate, stays valid.
+    Envoy reads the file at start, so restart it afterwards.
+    """
+    ca_cert, ca_key = _load_ca(output)
+    _issue(output, "edge", ca_cert, ca_key, _load_key(output / "edge.key"))
+
+
+def rotate_edge_key(output: Path) -> None:
+    """Move the edge to its backup key and create a new backup key.
+
+    Clients that pinned both keys keep working; they add the new backup
+    key's pin before the next rotation.
+    """
+    ca_cert, ca_key = _load_ca(output)
+    backup = _load_key(output / BACKUP_EDGE_KEY)
+    _issue(output, "edge", ca_cert, ca_key, backup)
+    _write_key(output / BACKUP_EDGE_KEY, _key())
 
 
 if __name__ == "__main__":

@@ -111,13 +111,22 @@ class ServerConfig:
     allowed_peers: frozenset[str]
     # Seconds that in-flight RPCs get to finish after SIGTERM.
     shutdown_grace: float
+    # Plaintext port serving only grpc.health.v1, for probes that cannot
+    # present a client certificate (Kubernetes' gRPC probes); None serves
+    # no such port.
+    health_port: int | None = None
 
     @classmethod
     def from_env(cls, env: Environment, default_port: int) -> "ServerConfig":
+        health_port = None
+        if env.optional("ARXIO_HEALTH_PORT") is not None:
+            health_port = env.port("ARXIO_HEALTH_PORT")
+
         return cls(
             host=env.text("ARXIO_HOST", "127.0.0.1"),
             port=env.port("ARXIO_PORT", default_port),
             tls=TlsConfig.from_env(env),
             allowed_peers=env.names("ARXIO_ALLOWED_PEERS", "edge"),
             shutdown_grace=env.number("ARXIO_SHUTDOWN_GRACE_SECONDS", 10.0),
+            health_port=health_port,
         )

@@ -14,8 +14,12 @@ SCOPES_HEADER = "x-api-key-scopes"
 # The client address as the edge determined it, after its trusted proxy
 # hops. The edge overwrites any value a client sends.
 CLIENT_ADDRESS_HEADER = "x-arxio-client-address"
-# Who the auth decision authenticated: "api_key" or "operator".
+# Kind of credential the auth decision authenticated: "api_key",
+# "operator" or "ehr_jwt" (a CDS Hooks JWT from a registered EHR).
 PRINCIPAL_HEADER = "x-arxio-principal"
+# Milliseconds the model review of a CDS Hooks call may take, from the
+# organization's settings; absent or 0 means no model review.
+HOOKS_MODEL_TIMEOUT_HEADER = "x-arxio-hooks-model-timeout-ms"
 
 
 def metadata_value(context: grpc.aio.ServicerContext, name: str) -> str:

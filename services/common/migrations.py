@@ -14,7 +14,7 @@ from psycopg import sql
 log = structlog.get_logger()
 
 OWNER_ROLE = "arxio_owner"
-SERVICES_WITH_TABLES = ("auth", "audit")
+SERVICES_WITH_TABLES = ("auth", "audit", "billing", "cds")
 _SERVICES_DIR = Path(__file__).resolve().parent.parent
 # Any constant works; it keeps two runners from migrating at once.
 _LOCK_ID = 7_305_114
@@ -95,3 +95,38 @@ def _migrate_service(connection: psycopg.Connection, service: str) -> list:
         applied.append(f"{service}/{path.name}")
 
     return applied
+
+
+def main() -> int:
+    """Apply pending migrations to DATABASE_URL, an administrative URL.
+
+    Run as `python -m services.common.migrations`, for example by the
+    Kubernetes migration Job before the services roll out. Exits 2 when
+    DATABASE_URL is missing and 1 when PostgreSQL rejects a step.
+    """
+    from services.common.config import ConfigError, Environment
+    from services.common.logging import configure_logging
+
+    configure_logging("migrations")
+    try:
+        admin_url = Environment().text("DATABASE_URL")
+    except ConfigError as error:
+        log.error("migrations.config_invalid", error=str(error))
+        return 2
+    try:
+        applied = migrate(admin_url)
+    except psycopg.Error as error:
+        log.error(
+            "migrations.failed",
+            error=type(error).__name__,
+            sqlstate=error.sqlstate or "",
+            message=str(error)[:300],
+        )
+        return 1
+    log.info("migrations.finished", applied=len(applied))
+
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

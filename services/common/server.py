@@ -12,7 +12,8 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common.config import ConfigError, ServerConfig
+from services.common import metrics
+from services.common.config import ConfigError, Environment, ServerConfig
 from services.common.errors import abort
 from services.common.identity import (
     KEY_ID_HEADER,
@@ -25,6 +26,17 @@ log = structlog.get_logger()
 
 # Seconds between readiness checks of what a service depends on.
 READINESS_INTERVAL = 2.0
+# Health-check name that is SERVING from start until graceful shutdown,
+# whatever the state of the database or the model: what liveness probes
+# check. The server's own name ("") follows readiness instead.
+LIVENESS_NAME = "liveness"
+# After SIGTERM a server reports NOT_SERVING and keeps serving until no RPC
+# has arrived for DRAIN_QUIET_SECONDS, or for at most MAX_DRAIN_SECONDS.
+# Envoy's active health checks (every 2 s, unhealthy after 2 failures)
+# stop routing to it within about 5 s, so under load no request meets a
+# closed port. Envoy retries the requests that do, on another replica.
+DRAIN_QUIET_SECONDS = 1.0
+MAX_DRAIN_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +67,14 @@ class DependencyHealth:
     # Seconds between checks.
     interval: float = READINESS_INTERVAL
 
+
+# go-grpc-prometheus's `grpc_type` label of each kind of method handler.
+RPC_TYPES = {
+    "unary_unary": "unary",
+    "stream_unary": "client_stream",
+    "unary_stream": "server_stream",
+    "stream_stream": "bidi_stream",
+}
 
 INTERNAL_ERROR_MESSAGE = (
     "internal error: the service failed on this request; retry, and report "
@@ -90,6 +110,9 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             for registration in registrations
             if registration.allowed_peers is not None
         }
+        # time.monotonic() of the last RPC other than health and
+        # reflection, which a draining server waits to fall quiet.
+        self.last_rpc_started = 0.0
 
     def _allowed_peers(self, method: str) -> frozenset[str] | None:
         service = method.lstrip("/").split("/", 1)[0]
@@ -104,6 +127,8 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = details.method
+        if not method.startswith("/grpc."):
+            self.last_rpc_started = time.monotonic()
         allowed = self._allowed_peers(method)
         ids = _metadata(details)
 
@@ -116,7 +141,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                     f"peer {peer!r} may not call {method}",
                 )
 
-        def unary_response(inner):
+        def unary_response(inner, rpc_type: str):
             async def behavior(request, context):
                 started = time.perf_counter()
                 structlog.contextvars.bind_contextvars(method=method, **ids)
@@ -140,21 +165,23 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                 finally:
                     if context.code() not in (None, grpc.StatusCode.OK):
                         code = context.code()
+                    elapsed = time.perf_counter() - started
                     log.info(
                         "rpc",
                         code=code.name,
-                        duration_ms=round(
-                            (time.perf_counter() - started) * 1000, 2
-                        ),
+                        duration_ms=round(elapsed * 1000, 2),
                     )
+                    metrics.observe_rpc(method, rpc_type, code.name, elapsed)
                     structlog.contextvars.unbind_contextvars(
                         "method", *ids.keys()
                     )
 
             return behavior
 
-        def streaming_response(inner):
+        def streaming_response(inner, rpc_type: str):
             async def behavior(request, context):
+                started = time.perf_counter()
+                code = grpc.StatusCode.OK
                 await check_peer(context)
                 try:
                     result = inner(request, context)
@@ -164,14 +191,27 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                     else:
                         # A handler that writes with context.write().
                         await result
+                except asyncio.CancelledError:
+                    code = grpc.StatusCode.CANCELLED
+                    raise
                 except Exception:
                     if context.code() not in (None, grpc.StatusCode.OK):
                         raise
+                    code = grpc.StatusCode.INTERNAL
                     log.exception("rpc.failed", method=method, **ids)
                     await abort(
                         context,
                         grpc.StatusCode.INTERNAL,
                         INTERNAL_ERROR_MESSAGE,
+                    )
+                finally:
+                    if context.code() not in (None, grpc.StatusCode.OK):
+                        code = context.code()
+                    metrics.observe_rpc(
+                        method,
+                        rpc_type,
+                        code.name,
+                        time.perf_counter() - started,
                     )
 
             return behavior
@@ -198,7 +238,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             inner = getattr(handler, kind)
             if inner is not None:
                 return build(
-                    wrap(inner),
+                    wrap(inner, RPC_TYPES[kind]),
                     request_deserializer=handler.request_deserializer,
                     response_serializer=handler.response_serializer,
                 )
@@ -259,6 +299,44 @@ async def _watch_readiness(
             pass
 
 
+async def _drain(interceptor: ServingInterceptor) -> None:
+    """Wait until no RPC arrived for DRAIN_QUIET_SECONDS, or the maximum."""
+    started = time.monotonic()
+    while True:
+        now = time.monotonic()
+        quiet_for = now - interceptor.last_rpc_started
+        if quiet_for >= DRAIN_QUIET_SECONDS:
+            break
+        if now - started >= MAX_DRAIN_SECONDS:
+            log.warning("server.drain_timed_out", seconds=MAX_DRAIN_SECONDS)
+            break
+        await asyncio.sleep(DRAIN_QUIET_SECONDS - quiet_for)
+    log.info("server.drained", seconds=round(time.monotonic() - started, 2))
+
+
+async def _start_probe_server(
+    config: ServerConfig, health_servicer: health.aio.HealthServicer
+) -> grpc.aio.Server | None:
+    """Serve `health_servicer` alone on the plaintext health port, if set.
+
+    It shares the statuses of the main server's health service, and no
+    other service is reachable on it.
+    """
+    if config.health_port is None:
+        return None
+    probe_server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probe_server)
+    address = f"{config.host}:{config.health_port}"
+    if probe_server.add_insecure_port(address) == 0:
+        raise RuntimeError(
+            f"failed to bind the health port {address}: is the port in use?"
+        )
+    await probe_server.start()
+    log.info("server.health_port_started", address=address)
+
+    return probe_server
+
+
 async def serve(
     name: str,
     config: ServerConfig,
@@ -267,13 +345,22 @@ async def serve(
     on_stop: Callable[[], Awaitable[None]] | None = None,
     dependencies: Sequence[DependencyHealth] = (),
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then drain for the configured grace.
+    """Serve until SIGTERM or SIGINT, then drain and stop.
+
+    On the signal every health name turns NOT_SERVING and the server keeps
+    serving until new RPCs stop arriving (see DRAIN_QUIET_SECONDS). Then
+    in-flight RPCs get the configured grace to finish.
 
     `check_ready` sets the health of the server ("") and of every
     registered service. Each of `dependencies` sets only its own name.
+    Prometheus metrics are served on ARXIO_METRICS_PORT when it is set.
     """
+    metrics_server = metrics.start_metrics_server(
+        metrics.MetricsConfig.from_env(Environment())
+    )
+    interceptor = ServingInterceptor(config.allowed_peers, registrations)
     server = grpc.aio.server(
-        interceptors=[ServingInterceptor(config.allowed_peers, registrations)],
+        interceptors=[interceptor],
         options=[
             ("grpc.max_receive_message_length", 4 * 1024 * 1024),
             ("grpc.so_reuseport", 0),
@@ -299,6 +386,10 @@ async def serve(
 
     await server.start()
     log.info("server.started", address=f"{config.host}:{bound}")
+    await health_servicer.set(
+        LIVENESS_NAME, health_pb2.HealthCheckResponse.SERVING
+    )
+    probe_server = await _start_probe_server(config, health_servicer)
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     if check_ready is None:
         for service_name in names:
@@ -334,9 +425,14 @@ async def serve(
         await watcher
     for dependency_watcher in dependency_watchers:
         await dependency_watcher
+    await _drain(interceptor)
     await server.stop(config.shutdown_grace)
+    if probe_server is not None:
+        await probe_server.stop(0)
     if on_stop is not None:
         await on_stop()
+    if metrics_server is not None:
+        metrics_server.stop()
     log.info("server.stopped")
 
 

@@ -1,5 +1,6 @@
 """`make run`: start the whole suite in the foreground; Ctrl-C stops it."""
 
+import os
 import signal
 import threading
 
@@ -7,6 +8,7 @@ import structlog
 
 from services.common.config import ConfigError, Environment
 from services.common.logging import configure_logging
+from services.launcher.edge_guards import parse_cors_origins
 from services.launcher.stack import REPO_ROOT, Stack, StackSettings
 
 log = structlog.get_logger()
@@ -19,7 +21,7 @@ def settings_from_env(env: Environment) -> StackSettings:
         database_url=env.optional("DATABASE_URL"),
         service_database_urls={
             service: url
-            for service in ("auth", "audit")
+            for service in ("auth", "audit", "billing", "cds")
             if (url := env.optional(f"ARXIO_{service.upper()}_DATABASE_URL"))
         },
         ollama_host=env.optional("OLLAMA_HOST"),
@@ -27,7 +29,26 @@ def settings_from_env(env: Environment) -> StackSettings:
         trusted_hops=env.integer(
             "ARXIO_TRUSTED_PROXY_HOPS", 0, minimum=0, maximum=10
         ),
+        billing_environment=billing_environment(),
+        cors_origins=cors_origins(env),
     )
+
+
+def cors_origins(env: Environment) -> tuple[str, ...]:
+    """Return the origins in ARXIO_CORS_ORIGINS, comma-separated."""
+    try:
+        return parse_cors_origins(env.text("ARXIO_CORS_ORIGINS", ""))
+    except ValueError as error:
+        raise ConfigError(f"ARXIO_CORS_ORIGINS: {error}") from None
+
+
+def billing_environment() -> dict[str, str]:
+    """Return the launcher's STRIPE_* and ARXIO_BILLING_* variables."""
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if name.startswith(("STRIPE_", "ARXIO_BILLING_")) and value.strip()
+    }
 
 
 def main() -> None:

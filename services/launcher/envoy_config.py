@@ -19,9 +19,31 @@ from services.common.identity import (
     PRINCIPAL_HEADER,
     SCOPES_HEADER,
 )
+from services.launcher import edge_guards
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "envoy" / "envoy.yaml.tmpl"
 UPSTREAMS = ("auth", "cds", "audit", "billing")
+# Retries of requests that never reached a service, on another replica: a
+# refused connection (a replica that stopped), a stream the replica refused
+# (one that arrived after its GOAWAY) or a reset before the request was
+# sent. A request that a service may have started is never retried, so a
+# non-idempotent call such as key creation cannot run twice.
+UNSENT_REQUEST_RETRY = {
+    "retry_on": "connect-failure,refused-stream,reset-before-request",
+    "num_retries": 2,
+    "retry_host_predicate": [
+        {
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.retry.host"
+                ".previous_hosts.v3.PreviousHostsPredicate"
+            },
+        }
+    ],
+    "host_selection_retry_max_attempts": 3,
+}
+# Cluster of Envoy's admin interface, which only the metrics listener uses.
+METRICS_ADMIN_CLUSTER = "envoy_admin"
 # Largest JSON response the transcoder builds: 4 MiB, the largest message
 # a gRPC client accepts by default, far above a 100-medication review.
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
@@ -32,6 +54,30 @@ MAX_REQUEST_BYTES = 64 * 1024
 # below this.
 # NOTE: an estimate, not a limit Stripe publishes.
 WEBHOOK_MAX_REQUEST_BYTES = 512 * 1024
+# Body limit of the CDS Hooks routes, whose requests carry an EHR's FHIR
+# resources: a patient's active medications, conditions and allergies.
+# NOTE: sized for at most 100 medications, conditions and allergies with
+# verbose FHIR JSON, not a limit that the CDS Hooks specification sets.
+CDS_HOOKS_MAX_REQUEST_BYTES = 512 * 1024
+# CDS Hooks wants 412 when required prefetch data is missing, a status
+# the transcoder never produces, because it maps a gRPC error to 400 and
+# drops the gRPC headers. So the service returns such a REST call a JSON
+# error body with this response header, and this script, run on the
+# hooks' REST routes only, turns the header into the HTTP status.
+CDS_HOOKS_STATUS_HEADER = "x-arxio-http-status"
+CDS_HOOKS_STATUS_SCRIPT = f"""
+function envoy_on_response(response_handle)
+  local headers = response_handle:headers()
+  local status = headers:get("{CDS_HOOKS_STATUS_HEADER}")
+  if status == nil then
+    return
+  end
+  headers:remove("{CDS_HOOKS_STATUS_HEADER}")
+  if status == "412" then
+    headers:replace(":status", "412")
+  end
+end
+"""
 
 SECURITY_HEADERS = {
     "strict-transport-security": "max-age=31536000; includeSubDomains",
@@ -63,11 +109,23 @@ LOCAL_REPLY_CODES = {
     408: 4,
     413: 3,
     415: 3,
+    426: 9,
     431: 3,
     500: 13,
     502: 14,
     503: 14,
     504: 4,
+}
+
+# Messages of the statuses that only Envoy produces, in place of its empty
+# text or bare reason phrase. The limits are those envoy/envoy.yaml.tmpl
+# sets.
+LOCAL_REPLY_MESSAGES = {
+    408: "request timeout: the request did not arrive in time; send its "
+    "headers within 10 seconds and the whole request within 60",
+    426: "HTTP/1.0 is not supported: use HTTP/1.1 or HTTP/2",
+    431: "request headers too large: send at most 100 headers of at most "
+    "32 KiB in total",
 }
 
 
@@ -94,6 +152,15 @@ class EdgeSettings:
     cors_origins: tuple[str, ...] = field(default_factory=tuple)
     # The JSON-lines access log that the audit ingester reads.
     access_log_path: Path = Path("/var/log/arxio/access.log")
+    # Port of a plaintext listener on edge_address that serves only
+    # Envoy's Prometheus stats, at /metrics and /stats/prometheus; None
+    # serves none. The admin interface itself stays on 127.0.0.1.
+    metrics_port: int | None = None
+    # Open downstream connections beyond which Envoy closes new ones.
+    max_connections: int = 25_000
+    # Heap size in bytes that Envoy's overload manager measures pressure
+    # against; keep it below the memory limit of Envoy's container.
+    max_heap_bytes: int = 1024 * 1024 * 1024
     # False only in benchmarks, to measure what the auth decision costs:
     # without it nothing checks keys, so never serve traffic this way.
     authorization: bool = True
@@ -106,7 +173,7 @@ def _header_option(name: str, value: str) -> dict:
     }
 
 
-def _error_format(code: int) -> dict:
+def _error_format(code: int, request_id: str = "%REQ(X-REQUEST-ID)%") -> dict:
     return {
         "json_format": {
             "code": code,
@@ -114,7 +181,7 @@ def _error_format(code: int) -> dict:
             "details": [
                 {
                     "@type": "type.googleapis.com/google.rpc.RequestInfo",
-                    "requestId": "%REQ(X-REQUEST-ID)%",
+                    "requestId": request_id,
                 }
             ],
         },
@@ -122,11 +189,66 @@ def _error_format(code: int) -> dict:
     }
 
 
-def _status_filter(status: int) -> dict:
+# Envoy rejects some requests before their headers are complete (431, 426,
+# malformed HTTP/1, the request headers timeout), so they have no request
+# id. Their replies get a fresh one, the same in the header and the body.
+_NO_REQUEST_ID = {
+    "header_filter": {
+        "header": {"name": "x-request-id", "present_match": False}
+    }
+}
+_FRESH_REQUEST_ID = {
+    "header": {"key": "x-request-id", "value": "%UNIQUE_ID%"},
+    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+}
+
+
+def _security_headers() -> list[dict]:
+    """Return the security headers as a local reply mapper adds them.
+
+    The header_mutation filter misses replies sent before Envoy builds the
+    filter chain, such as the overload manager's 503.
+    """
+    return [
+        _header_option(name, value) for name, value in SECURITY_HEADERS.items()
+    ]
+
+
+def _error_mappers(
+    status_filter: dict, code: int, message: str | None = None
+) -> list[dict]:
+    """Return the mappers of one status: without a request id, then with.
+
+    `message` replaces the reply's own text, which Envoy leaves empty or
+    sets to the bare reason phrase for some statuses.
+    """
+    fresh = _error_format(code, "%RESP(X-REQUEST-ID)%")
+    usual = _error_format(code)
+    if message is not None:
+        fresh["json_format"]["message"] = message
+        usual["json_format"]["message"] = message
+
+    return [
+        {
+            "filter": {
+                "and_filter": {"filters": [status_filter, _NO_REQUEST_ID]}
+            },
+            "headers_to_add": [*_security_headers(), _FRESH_REQUEST_ID],
+            "body_format_override": fresh,
+        },
+        {
+            "filter": status_filter,
+            "headers_to_add": _security_headers(),
+            "body_format_override": usual,
+        },
+    ]
+
+
+def _status_filter(status: int, op: str = "EQ") -> dict:
     return {
         "status_code_filter": {
             "comparison": {
-                "op": "EQ",
+                "op": op,
                 "value": {"default_value": status, "runtime_key": "unused"},
             }
         }
@@ -150,11 +272,13 @@ def local_reply_config() -> dict:
                     ]
                 }
             },
+            "headers_to_add": _security_headers(),
             "body_format_override": unavailable,
         },
         # The auth service's own denials already carry their JSON body.
         {
             "filter": {"response_flag_filter": {"flags": ["UAEX"]}},
+            "headers_to_add": _security_headers(),
             "body_format_override": {
                 "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
                 "content_type": "application/json",
@@ -162,14 +286,14 @@ def local_reply_config() -> dict:
         },
     ]
     for status, code in LOCAL_REPLY_CODES.items():
-        mappers.append(
-            {
-                "filter": _status_filter(status),
-                "body_format_override": _error_format(code),
-            }
+        mappers += _error_mappers(
+            _status_filter(status), code, LOCAL_REPLY_MESSAGES.get(status)
         )
+    # Any other error status is UNKNOWN. A reply below 400 (the API
+    # description) keeps its body.
+    mappers += _error_mappers(_status_filter(400, "GE"), 2)
 
-    return {"mappers": mappers, "body_format": _error_format(2)}
+    return {"mappers": mappers}
 
 
 # One JSON object per request: what the audit ingester reads. Only ids,
@@ -281,6 +405,31 @@ def _verify_signature_in_service(route: dict) -> None:
     }
 
 
+def _cds_hooks_route(route: dict) -> None:
+    """Give a CDS Hooks route its body limit and 412 status.
+
+    The auth decision still runs, without the body: the service reads the
+    FHIR JSON itself.
+    """
+    route["typed_per_filter_config"] |= {
+        "envoy.filters.http.buffer": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http"
+            ".buffer.v3.BufferPerRoute",
+            "buffer": {"max_request_bytes": CDS_HOOKS_MAX_REQUEST_BYTES},
+        },
+        "envoy.filters.http.ext_authz": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http"
+            ".ext_authz.v3.ExtAuthzPerRoute",
+            "check_settings": {"disable_request_body_buffering": True},
+        },
+        "envoy.filters.http.lua": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http"
+            ".lua.v3.LuaPerRoute",
+            "source_code": {"inline_string": CDS_HOOKS_STATUS_SCRIPT},
+        },
+    }
+
+
 def routes() -> list[dict]:
     """Return one route per REST binding and one per gRPC service."""
     json_routes = []
@@ -292,6 +441,8 @@ def routes() -> list[dict]:
             signed = methods.Authentication.WEBHOOK_SIGNATURE
             if method.authentication == signed:
                 _verify_signature_in_service(route)
+            if method.authentication == methods.Authentication.CDS_HOOKS:
+                _cds_hooks_route(route)
             json_routes.append(route)
         service = method.grpc_path.rsplit("/", 1)[0] + "/"
         grpc_services[service] = cluster
@@ -387,11 +538,112 @@ def _cluster(
             {
                 "timeout": "1s",
                 "interval": "2s",
+                # Without it a cluster that had no traffic yet when it was
+                # first checked waits Envoy's default of 60 s for the next
+                # check, so a draining replica would keep getting requests.
+                "no_traffic_interval": "2s",
                 "unhealthy_threshold": 2,
                 "healthy_threshold": 1,
                 "grpc_health_check": {},
             }
         ],
+    }
+
+
+def metrics_listener(settings: EdgeSettings) -> dict:
+    """Return a listener that proxies only the admin's Prometheus stats.
+
+    Prometheus can scrape it without reaching the admin interface, whose
+    other endpoints change or stop the server.
+    """
+    stats = {"cluster": METRICS_ADMIN_CLUSTER}
+    routes = [
+        {
+            "match": {"path": "/metrics"},
+            "route": stats | {"prefix_rewrite": "/stats/prometheus"},
+        },
+        {"match": {"path": "/stats/prometheus"}, "route": stats},
+        {
+            "match": {"prefix": "/"},
+            "direct_response": {
+                "status": 404,
+                "body": {
+                    "inline_string": "not found: this port serves only "
+                    "/metrics and /stats/prometheus\n"
+                },
+            },
+        },
+    ]
+
+    manager = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network"
+        ".http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "metrics",
+        "codec_type": "AUTO",
+        "route_config": {
+            "name": "metrics",
+            "virtual_hosts": [
+                {"name": "metrics", "domains": ["*"], "routes": routes}
+            ],
+        },
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters"
+                    ".http.router.v3.Router"
+                },
+            }
+        ],
+    }
+
+    return {
+        "name": "metrics",
+        "address": {
+            "socket_address": {
+                "address": settings.edge_address,
+                "port_value": settings.metrics_port,
+            }
+        },
+        "filter_chains": [
+            {
+                "filters": [
+                    {
+                        "name": "envoy.filters.network"
+                        ".http_connection_manager",
+                        "typed_config": manager,
+                    }
+                ]
+            }
+        ],
+    }
+
+
+def admin_cluster(admin_port: int) -> dict:
+    """Return the cluster of Envoy's own admin interface on 127.0.0.1."""
+    return {
+        "name": METRICS_ADMIN_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": METRICS_ADMIN_CLUSTER,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {
+                                        "address": "127.0.0.1",
+                                        "port_value": admin_port,
+                                    }
+                                }
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
     }
 
 
@@ -401,7 +653,7 @@ def _cors_policy(origins: tuple[str, ...]) -> dict:
         ".CorsPolicy",
         "allow_origin_string_match": [{"exact": origin} for origin in origins],
         "allow_methods": "GET, POST, DELETE, OPTIONS",
-        "allow_headers": "content-type, x-api-key",
+        "allow_headers": "content-type, x-api-key, authorization",
         "expose_headers": "x-request-id, x-ratelimit-limit, "
         "x-ratelimit-remaining, x-ratelimit-reset, retry-after",
         "max_age": "600",
@@ -423,6 +675,9 @@ def render(settings: EdgeSettings) -> dict:
         descriptor=settings.descriptor,
     )
     config = yaml.safe_load(text)
+    config["overload_manager"] = edge_guards.overload_manager(
+        settings.max_heap_bytes, settings.max_connections
+    )
     resources = config["static_resources"]
     manager = resources["listeners"][0]["filter_chains"][0]["filters"][0]
     manager = manager["typed_config"]
@@ -431,8 +686,17 @@ def render(settings: EdgeSettings) -> dict:
     virtual_host = {
         "name": "api",
         "domains": ["*"],
-        "routes": routes(),
+        # Guards first: they match only requests the API routes must not
+        # take. OPTIONS comes last, after the CORS filter had its turn.
+        "routes": [
+            edge_guards.api_description_route(),
+            *edge_guards.guard_routes(),
+            *routes(),
+            edge_guards.options_route("auth"),
+        ],
+        "retry_policy": UNSENT_REQUEST_RETRY,
     }
+    edge_guards.check_headers_without_auth(virtual_host["routes"])
     if settings.cors_origins:
         virtual_host["typed_per_filter_config"] = {
             "envoy.filters.http.cors": _cors_policy(settings.cors_origins)
@@ -440,6 +704,9 @@ def render(settings: EdgeSettings) -> dict:
     manager["route_config"] = {
         "name": "api",
         "virtual_hosts": [virtual_host],
+        "max_direct_response_body_size_bytes": (
+            edge_guards.MAX_DIRECT_RESPONSE_BYTES
+        ),
     }
     if not settings.authorization:
         manager["http_filters"] = [
@@ -481,6 +748,9 @@ def render(settings: EdgeSettings) -> dict:
         _cluster(name, settings.upstreams[name], settings)
         for name in UPSTREAMS
     ]
+    if settings.metrics_port is not None:
+        resources["listeners"].append(metrics_listener(settings))
+        resources["clusters"].append(admin_cluster(settings.admin_port))
 
     return config
 

@@ -79,6 +79,16 @@ class ChildProcess:
             self._log.close()
             self._log = None
 
+    def kill(self) -> None:
+        """Stop the process with SIGKILL, as a crash would, and reap it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+            log.info("process.killed", name=self.name)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
 
 def wait_until(
     child: ChildProcess,

@@ -48,6 +48,7 @@ DESCRIPTOR = REPO_ROOT / "build" / "api_descriptor.pb"
 LOCAL_MODEL_NAME = "gemma3:270m"
 OPERATOR_TOKEN_FILE = "operator-token"
 AUDIT_SIGNING_KEY_FILE = "audit-signing.key"
+WEBHOOK_SECRET_FILE = "stripe-webhook-secret"
 START_TIMEOUT = 90.0
 
 
@@ -75,6 +76,18 @@ class StackSettings:
     # Processes per service behind the edge, for services that need more
     # than one; the rest run one each.
     replicas: dict[str, int] = field(default_factory=dict)
+    # Extra environment of the billing service: STRIPE_* and
+    # ARXIO_BILLING_* settings. Without STRIPE_WEBHOOK_SECRET a local
+    # secret is generated under run_dir.
+    billing_environment: dict[str, str] = field(default_factory=dict)
+    # Browser origins allowed to call the API (CORS), such as
+    # "https://app.example"; empty allows none.
+    cors_origins: tuple[str, ...] = ()
+    # Extra environment variables per service, over the launcher's own,
+    # for example {"cds": {"ARXIO_MODEL_BREAKER_COOLDOWN_SECONDS": "2"}}.
+    service_environment: dict[str, dict[str, str]] = field(
+        default_factory=dict
+    )
 
 
 def ensure_operator_token(run_dir: Path) -> str:
@@ -116,6 +129,23 @@ def ensure_audit_signing_key(run_dir: Path) -> Path:
     log.info("audit.signing_key_created", path=str(path))
 
     return path
+
+
+def ensure_webhook_secret(run_dir: Path) -> str:
+    """Return the local Stripe webhook secret, creating it if needed.
+
+    It lets `make run` verify webhooks signed with the same secret, for
+    example by the Stripe SDK's signing helper, without a Stripe account.
+    """
+    path = run_dir / WEBHOOK_SECRET_FILE
+    if path.exists():
+        return path.read_text().strip()
+    secret = "whsec_" + secrets.token_urlsafe(32)
+    path.touch(mode=0o600)
+    path.write_text(secret + "\n")
+    log.info("billing.webhook_secret_created", path=str(path))
+
+    return secret
 
 
 def health_status(address: str, certs: Path, service: str = "") -> int:
@@ -170,6 +200,10 @@ class Stack:
         self.database_urls: dict[str, str] = {}
         self.ollama_host = ""
         self.operator_token = ""
+        self.webhook_secret = ""
+        # Each child's Prometheus metrics port, by child name ("cds-2",
+        # "audit-ingest", "envoy"); every one serves /metrics on 127.0.0.1.
+        self.metrics_ports: dict[str, int] = {}
         self._postgres = None
 
     @property
@@ -199,7 +233,7 @@ class Stack:
             self.admin_database_url = self._postgres.get_uri()
             log.info("postgres.started", data_dir=str(data_dir))
         migrate(self.admin_database_url)
-        for service in ("auth", "audit"):
+        for service in ("auth", "audit", "billing", "cds"):
             self.database_urls[service] = (
                 self.settings.service_database_urls.get(service)
                 or db.with_user(self.admin_database_url, service_role(service))
@@ -243,6 +277,12 @@ class Stack:
             environment["ARXIO_OPERATOR_TOKEN_SHA256"] = hashlib.sha256(
                 self.operator_token.encode()
             ).hexdigest()
+            # CDS Hooks JWTs name the edge's URL as their audience; the
+            # local suite trusts its own CA for EHR JWK Set servers too.
+            environment["ARXIO_CDS_HOOKS_BASE_URL"] = (
+                f"https://localhost:{self.ports['edge']}"
+            )
+            environment["ARXIO_JWKS_CA_FILE"] = str(self.certs_dir / "ca.crt")
         if name == "cds":
             environment |= {
                 "OLLAMA_HOST": self.ollama_host,
@@ -258,12 +298,30 @@ class Stack:
                     self.settings.checkpoint_seconds
                 ),
             }
+        # Stripe settings reach billing only from billing_environment,
+        # never from the launcher's own environment, so a test run cannot
+        # pick up a real key by accident.
+        for variable in [v for v in environment if v.startswith("STRIPE_")]:
+            environment.pop(variable)
         if name == "billing":
             environment["ARXIO_AUTH_ADDRESS"] = (
                 f"127.0.0.1:{self.ports['auth']}"
             )
+            environment["STRIPE_WEBHOOK_SECRET"] = self.webhook_secret
+            environment |= self.settings.billing_environment
+        environment |= self.settings.service_environment.get(name, {})
 
         return environment
+
+    def _metrics_environment(self, child_name: str) -> dict[str, str]:
+        """Pick a metrics port for one child; return its variables."""
+        port = free_port()
+        self.metrics_ports[child_name] = port
+
+        return {
+            "ARXIO_METRICS_HOST": "127.0.0.1",
+            "ARXIO_METRICS_PORT": str(port),
+        }
 
     def edge_settings(self) -> EdgeSettings:
         return EdgeSettings(
@@ -279,7 +337,9 @@ class Stack:
                 for name in UPSTREAMS
             },
             trusted_hops=self.settings.trusted_hops,
+            cors_origins=self.settings.cors_origins,
             access_log_path=self.access_log_path,
+            metrics_port=self.metrics_ports.get("envoy"),
         )
 
     def start(self) -> "Stack":
@@ -291,6 +351,9 @@ class Stack:
         ensure_certificates(self.certs_dir)
         self.operator_token = ensure_operator_token(self.run_dir)
         self.audit_signing_key = ensure_audit_signing_key(self.run_dir)
+        self.webhook_secret = self.settings.billing_environment.get(
+            "STRIPE_WEBHOOK_SECRET"
+        ) or ensure_webhook_secret(self.run_dir)
         try:
             self._start(self.settings)
         except BaseException:
@@ -315,7 +378,8 @@ class Stack:
                 services[port] = self._child(
                     child_name,
                     [sys.executable, "-m", f"services.{name}"],
-                    self._service_environment(name, port),
+                    self._service_environment(name, port)
+                    | self._metrics_environment(child_name),
                 )
         if model is not None:
             wait_until(
@@ -340,8 +404,10 @@ class Stack:
             | {
                 "DATABASE_URL": self.database_urls["audit"],
                 "ARXIO_AUDIT_LOG_FILE": str(self.access_log_path),
-            },
+            }
+            | self._metrics_environment("audit-ingest"),
         )
+        self.metrics_ports["envoy"] = free_port()
         config_path = self.run_dir / "envoy.yaml"
         config_path.write_text(render_text(self.edge_settings()))
         envoy = self._child(
@@ -385,8 +451,43 @@ class Stack:
         self._postgres.ensure_postgres_running()
         log.info("postgres.started", pid=self._postgres.get_pid())
 
+    def database_pid(self) -> int | None:
+        """Return the embedded PostgreSQL server's pid; None if external."""
+        if self._postgres is None:
+            return None
+
+        return self._postgres.get_pid()
+
     def child(self, name: str) -> ChildProcess:
         return next(child for child in self.children if child.name == name)
+
+    def restart_child(
+        self, name: str, kill: bool = False, pause: float = 0.0
+    ) -> None:
+        """Stop one child, wait `pause` seconds and start it again.
+
+        With `kill` the child gets SIGKILL, as in a crash, instead of
+        SIGTERM's graceful stop. The command, environment and port stay the
+        same. Returns once a restarted service or Envoy is ready again.
+        """
+        child = self.child(name)
+        if kill:
+            child.kill()
+        else:
+            child.stop()
+        time.sleep(pause)
+        child.start()
+        if name == "envoy":
+            admin = f"http://127.0.0.1:{self.ports['envoy_admin']}/ready"
+            wait_until(child, lambda: _http_ok(admin), START_TIMEOUT, "ready")
+        elif "ARXIO_TLS_CERT" in child.environment:
+            address = f"127.0.0.1:{child.environment['ARXIO_PORT']}"
+            wait_until(
+                child,
+                lambda: _grpc_serving(address, self.certs_dir),
+                START_TIMEOUT,
+                "serving",
+            )
 
     def stop(self) -> None:
         # Envoy first, so no new request reaches a stopping service.

@@ -493,14 +493,9 @@ def run_evaluation(*args: str) -> subprocess.CompletedProcess:
 
 # Expected findings that the shipped knowledge base does not raise yet,
 # as (case id, category), each with the knowledge it lacks. A miss
-# outside this list fails the suite. TODO: add the missing knowledge,
-# then empty the list, which makes the full target check strict.
-KNOWN_GAPS = {
-    ("allergy-lisinopril-angioedema-enalapril", "allergy"): (
-        "no ACE inhibitor allergy class, so an allergy to lisinopril does "
-        "not cover enalapril"
-    ),
-}
+# outside this list fails the suite. The list is empty, and the full
+# target check, `test_command_exits_zero`, is strict.
+KNOWN_GAPS: dict[tuple[str, str], str] = {}
 
 
 class TestTargets:
@@ -537,9 +532,6 @@ class TestTargets:
 
         assert set() == set(KNOWN_GAPS) - expected
 
-    @pytest.mark.xfail(
-        bool(KNOWN_GAPS), reason="known gaps remain in the knowledge base"
-    )
     def test_command_exits_zero(self):
         """`python -m services.cds.evaluate` exits 0: every target met."""
         completed = run_evaluation("--format", "json")

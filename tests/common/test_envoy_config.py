@@ -67,6 +67,7 @@ class TestRenderedConfig:
             "envoy.filters.http.buffer",
             "envoy.filters.http.cors",
             "envoy.filters.http.ext_authz",
+            "envoy.filters.http.lua",
             "envoy.filters.http.grpc_json_transcoder",
             "envoy.filters.http.router",
         ] == names

@@ -76,6 +76,24 @@ def cli_verify(stack, org_id: str) -> tuple[int, dict]:
     return completed.returncode, json.loads(completed.stdout or "{}")
 
 
+def verify_export_offline(stack, export: Path) -> subprocess.CompletedProcess:
+    """Run `arxio audit verify-export` with no edge and no credential."""
+    return subprocess.run(
+        [
+            str(Path(sys.executable).with_name("arxio")),
+            "audit",
+            "verify-export",
+            str(export),
+            "--public-key",
+            str(stack.run_dir / "audit-signing.pub"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+
+
 @pytest.fixture
 def trail(stack, edge, new_org):
     """An organization with six stored, checkpointed entries."""
@@ -182,21 +200,7 @@ class TestExport:
         export = tmp_path / "trail.ndjson"
         export.write_bytes(response.body)
 
-        completed = subprocess.run(
-            [
-                str(Path(sys.executable).with_name("arxio")),
-                "audit",
-                "verify-export",
-                str(export),
-                "--public-key",
-                str(stack.run_dir / "audit-signing.pub"),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            # Offline: no edge address, no credential.
-            env={"PATH": "/usr/bin:/bin"},
-        )
+        completed = verify_export_offline(stack, export)
 
         assert 0 == completed.returncode, completed.stderr
         report = json.loads(completed.stdout)
@@ -215,19 +219,7 @@ class TestExport:
         export = tmp_path / "trail.ndjson"
         export.write_text("\n".join(lines) + "\n")
 
-        completed = subprocess.run(
-            [
-                str(Path(sys.executable).with_name("arxio")),
-                "audit",
-                "verify-export",
-                str(export),
-                "--public-key",
-                str(stack.run_dir / "audit-signing.pub"),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        completed = verify_export_offline(stack, export)
 
         assert 3 == completed.returncode
         assert "altered" == json.loads(completed.stdout)["problems"][0]["kind"]

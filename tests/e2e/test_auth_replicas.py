@@ -1,23 +1,18 @@
 """Two auth replicas behind the edge: revocation and quotas stay exact.
 
-Every auth decision reads the key and the day's count from PostgreSQL,
-with no cache in a replica, so a revocation is in force on every replica
-from the moment its transaction commits, and the count of one organization
-is one row that concurrent replicas increment atomically.
+Each replica caches credentials for a second at most and drops its cache
+when PostgreSQL notifies a change to keys or organizations, so a
+revocation is in force on every replica as its transaction commits; the
+count of one organization is one row that replicas increment atomically.
 """
 
 import concurrent.futures
-import shutil
-import tempfile
-from pathlib import Path
 
 import psycopg
 import pytest
 
-from services.launcher.processes import free_port
-from services.launcher.stack import REPO_ROOT, Stack, StackSettings
 from tests.edge import EdgeClient
-from tests.suite import Organization, run_cli
+from tests.suite import Organization, own_stack, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -32,20 +27,8 @@ RULES_ONLY = {
 def replicated_stack():
     """A suite with two auth replicas and no model behind it, behind one
     trusted proxy."""
-    run_dir = Path(tempfile.mkdtemp(prefix="test-", dir=REPO_ROOT / ".run"))
-    run_dir.chmod(0o755)
-    settings = StackSettings(
-        run_dir=run_dir,
-        edge_port=0,
-        log_to_files=True,
-        ollama_host=f"http://127.0.0.1:{free_port()}",
-        replicas={"auth": 2},
-        trusted_hops=1,
-    )
-    running = Stack(settings).start()
-    yield running
-    running.stop()
-    shutil.rmtree(run_dir, ignore_errors=True)
+    with own_stack(replicas={"auth": 2}, trusted_hops=1) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +50,11 @@ def decisions_by_replica(stack) -> dict[str, int]:
 
 class TestRevocation:
     def test_revoked_key_fails_on_every_replica(self, replicated_stack, edge):
+        logs = replicated_stack.run_dir / "logs"
+        # Both replicas cache credentials, so the notification is what
+        # makes the revocation take effect at once on each of them.
+        for name in ("auth", "auth-2"):
+            assert "auth.cache_listening" in (logs / f"{name}.log").read_text()
         org = Organization(replicated_stack)
         admin = {"x-api-key": org.api_key}
         created = edge.request(

@@ -1,25 +1,18 @@
 """PostgreSQL down: the edge fails closed, health says so, and the suite
 recovers without a restart once the database is back."""
 
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import grpc
 import pytest
 from arxio.cds.v1 import cds_pb2, cds_pb2_grpc
 from grpc_health.v1 import health_pb2
 
-from services.launcher.processes import free_port
 from services.launcher.stack import (
-    REPO_ROOT,
-    Stack,
-    StackSettings,
     health_status,
 )
 from tests.edge import EdgeClient
-from tests.suite import Organization
+from tests.suite import Organization, own_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -34,20 +27,10 @@ WAIT = 30.0
 
 
 @pytest.fixture
-def own_stack():
+def outage_stack():
     """A suite of its own, since this test stops its database."""
-    run_dir = Path(tempfile.mkdtemp(prefix="test-", dir=REPO_ROOT / ".run"))
-    run_dir.chmod(0o755)
-    settings = StackSettings(
-        run_dir=run_dir,
-        edge_port=0,
-        log_to_files=True,
-        ollama_host=f"http://127.0.0.1:{free_port()}",
-    )
-    running = Stack(settings).start()
-    yield running
-    running.stop()
-    shutil.rmtree(run_dir, ignore_errors=True)
+    with own_stack() as running:
+        yield running
 
 
 def wait_for(condition, what: str):
@@ -87,22 +70,24 @@ def grpc_code(stack, api_key: str) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-def test_fails_closed_and_recovers(own_stack):
-    edge = EdgeClient(own_stack.edge_port, own_stack.certs_dir / "ca.crt")
-    org = Organization(own_stack)
+def test_fails_closed_and_recovers(outage_stack):
+    edge = EdgeClient(
+        outage_stack.edge_port, outage_stack.certs_dir / "ca.crt"
+    )
+    org = Organization(outage_stack)
     key = {"x-api-key": org.api_key}
     assert 200 == edge.request("POST", REVIEW_PATH, RULES_ONLY, key).status
-    pids = {child.name: child.process.pid for child in own_stack.children}
+    pids = {child.name: child.process.pid for child in outage_stack.children}
 
-    own_stack.stop_database()
+    outage_stack.stop_database()
 
     down = edge.request("POST", REVIEW_PATH, RULES_ONLY, key)
     assert 503 == down.status, down.body
     assert 14 == down.json()["code"]
-    assert grpc.StatusCode.UNAVAILABLE == grpc_code(own_stack, org.api_key)
-    wait_for(lambda: auth_health(own_stack) == NOT_SERVING, "NOT_SERVING")
+    assert grpc.StatusCode.UNAVAILABLE == grpc_code(outage_stack, org.api_key)
+    wait_for(lambda: auth_health(outage_stack) == NOT_SERVING, "NOT_SERVING")
 
-    own_stack.start_database()
+    outage_stack.start_database()
 
     wait_for(
         lambda: (
@@ -110,8 +95,8 @@ def test_fails_closed_and_recovers(own_stack):
         ),
         "a review to pass again",
     )
-    wait_for(lambda: auth_health(own_stack) == SERVING, "SERVING")
-    assert grpc.StatusCode.OK == grpc_code(own_stack, org.api_key)
+    wait_for(lambda: auth_health(outage_stack) == SERVING, "SERVING")
+    assert grpc.StatusCode.OK == grpc_code(outage_stack, org.api_key)
     assert pids == {
-        child.name: child.process.pid for child in own_stack.children
+        child.name: child.process.pid for child in outage_stack.children
     }

@@ -1,15 +1,9 @@
 """With the auth service down, the edge answers 503 and lets nothing by."""
 
-import shutil
-import tempfile
-from pathlib import Path
-
 import pytest
 
-from services.launcher.processes import free_port
-from services.launcher.stack import REPO_ROOT, Stack, StackSettings
 from tests.edge import EdgeClient
-from tests.suite import Organization
+from tests.suite import Organization, own_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -17,19 +11,8 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def rules_only_stack():
     """A second suite whose model server address has nothing behind it."""
-    run_dir = Path(tempfile.mkdtemp(prefix="test-", dir=REPO_ROOT / ".run"))
-    run_dir.chmod(0o755)
-    settings = StackSettings(
-        run_dir=run_dir,
-        edge_port=0,
-        log_to_files=True,
-        ollama_host=f"http://127.0.0.1:{free_port()}",
-        model_timeout=5.0,
-    )
-    running = Stack(settings).start()
-    yield running
-    running.stop()
-    shutil.rmtree(run_dir, ignore_errors=True)
+    with own_stack(model_timeout=5.0) as running:
+        yield running
 
 
 class TestModelDown:

@@ -15,7 +15,9 @@ from services.cds.screening.allergies import allergy_findings
 from services.cds.screening.conditions import condition_findings
 from services.cds.screening.doses import dose_findings
 from services.cds.screening.duplicates import duplicate_findings
+from services.cds.screening.findings import to_message
 from services.cds.screening.inputs import (
+    ScreenedMedications,
     resolve_allergies,
     resolve_conditions,
     resolve_medications,
@@ -37,15 +39,6 @@ class ScreeningResult:
     risk: cds_pb2.Risk
 
 
-def _unique(messages: list) -> list:
-    """Drop repeated messages, keeping the first of each in order."""
-    seen: dict[bytes, object] = {}
-    for message in messages:
-        seen.setdefault(message.SerializeToString(deterministic=True), message)
-
-    return list(seen.values())
-
-
 def screen(
     request: cds_pb2.ClinicalReviewRequest, kb: KnowledgeBase
 ) -> ScreeningResult:
@@ -54,9 +47,8 @@ def screen(
     Items and checks that could not be screened are listed, never dropped.
     """
     gaps: list[cds_pb2.NotScreened] = []
-    medications, unrecognized = resolve_medications(
-        request.medications, kb, gaps
-    )
+    screened, unrecognized = resolve_medications(request.medications, kb, gaps)
+    medications = ScreenedMedications(screened)
     allergies = resolve_allergies(request.allergies, kb, gaps)
     conditions = resolve_conditions(request.conditions, kb, gaps)
     patient = request.patient
@@ -70,13 +62,18 @@ def screen(
         *dose_findings(medications, patient, kb, gaps),
     ]
     # A medication or allergy listed twice would repeat its findings.
-    findings = _unique(findings)
+    # Equal records are equal findings, so the first of each is kept.
+    findings = list(dict.fromkeys(findings))
     findings.sort(key=outcome.finding_order)
-    gaps = _unique([*gaps, *missing_patient_inputs(medications, patient, kb)])
+    # NotScreened has no fields but these two, so equal keys are equal
+    # messages.
+    unique_gaps: dict[tuple[str, str], cds_pb2.NotScreened] = {}
+    for gap in [*gaps, *missing_patient_inputs(medications, patient, kb)]:
+        unique_gaps.setdefault((gap.subject, gap.reason), gap)
 
     return ScreeningResult(
-        findings=findings,
-        not_screened=gaps,
+        findings=[to_message(finding) for finding in findings],
+        not_screened=list(unique_gaps.values()),
         recommendations=outcome.recommendations(findings, unrecognized),
         risk=outcome.risk(findings, len(unrecognized)),
     )

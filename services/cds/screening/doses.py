@@ -13,13 +13,14 @@ from arxio.cds.v1 import cds_pb2
 from services.cds import dosing
 from services.cds.knowledge_base import KnowledgeBase
 from services.cds.rules import Amount, DoseLimit
+from services.cds.screening.findings import FindingRecord, make_finding
 from services.cds.screening.inputs import (
     ScreenedMedication,
-    make_finding,
+    ScreenedMedications,
     not_screened,
 )
 
-Category = cds_pb2.Finding.Category
+DOSE = cds_pb2.Finding.Category.DOSE
 
 
 # Display spellings in finding texts for the canonical units that differ
@@ -94,7 +95,7 @@ def _unrouted_finding(
     limits: list[DoseLimit],
     patient: cds_pb2.Patient,
     gaps: list[cds_pb2.NotScreened],
-) -> cds_pb2.Finding | None:
+) -> FindingRecord | None:
     """Check an order without a route against the limit of every route.
 
     The order may be meant for any of the routes, so it gives a finding
@@ -117,16 +118,14 @@ def _unrouted_finding(
 
 
 def dose_findings(
-    medications: list[ScreenedMedication],
+    medications: ScreenedMedications,
     patient: cds_pb2.Patient,
     kb: KnowledgeBase,
     gaps: list[cds_pb2.NotScreened],
-) -> Iterator[cds_pb2.Finding]:
+) -> Iterator[FindingRecord]:
     """Yield a finding for each medication dosed above its limit."""
-    for medication in medications:
-        limits = [
-            limit for limit in kb.dose_limits if limit.drug in medication.drugs
-        ]
+    for medication in medications.items:
+        limits = kb.index.dose_limits.rules_for(medication.drugs)
         item = medication.item
         if not limits or not item.HasField("dose") or item.dose.value <= 0:
             continue
@@ -237,7 +236,7 @@ def _check_limit(
     limit: DoseLimit,
     patient: cds_pb2.Patient,
     gaps: list[cds_pb2.NotScreened],
-) -> cds_pb2.Finding | None:
+) -> FindingRecord | None:
     subject = medication.subject
     limit_unit = limit.max_daily.unit
     dose = dosing.in_unit(medication.item.dose.value, unit, limit_unit)
@@ -314,7 +313,7 @@ def _check_limit(
         return None
 
     return make_finding(
-        Category.DOSE,
+        DOSE,
         limit.text,
         [subject],
         f"{subject}: {limit.text.summary}",

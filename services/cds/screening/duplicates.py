@@ -6,33 +6,28 @@ from collections.abc import Iterator
 from arxio.cds.v1 import cds_pb2
 
 from services.cds.knowledge_base import KnowledgeBase
-from services.cds.screening.inputs import ScreenedMedication, make_finding
+from services.cds.screening.findings import FindingRecord, make_finding
+from services.cds.screening.inputs import ScreenedMedications
 
-Category = cds_pb2.Finding.Category
+DUPLICATE_THERAPY = cds_pb2.Finding.Category.DUPLICATE_THERAPY
 
 
 def duplicate_findings(
-    medications: list[ScreenedMedication], kb: KnowledgeBase
-) -> Iterator[cds_pb2.Finding]:
+    medications: ScreenedMedications, kb: KnowledgeBase
+) -> Iterator[FindingRecord]:
     """Yield a finding per shared ingredient, then per shared class.
 
     Medications that share an ingredient are not also reported as a class
     duplicate for that ingredient's classes alone.
     """
-    by_drug: dict[str, list[str]] = {}
-    for medication in medications:
-        for drug_id in medication.drugs:
-            by_drug.setdefault(drug_id, []).append(medication.subject)
-    shared = {
-        drug_id: subjects
-        for drug_id, subjects in sorted(by_drug.items())
-        if len(subjects) > 1
-    }
     text = kb.same_ingredient
-    for drug_id, subjects in shared.items():
+    for drug_id, positions in sorted(medications.positions_by_drug.items()):
+        if len(positions) < 2:
+            continue
+        subjects = [medications.items[p].subject for p in positions]
         name = kb.drugs[drug_id].name
         yield make_finding(
-            Category.DUPLICATE_THERAPY,
+            DUPLICATE_THERAPY,
             text,
             subjects,
             f"{', '.join(subjects)}: {text.summary} ({name})",
@@ -40,11 +35,10 @@ def duplicate_findings(
             kb.same_ingredient_rule_id,
         )
 
-    for rule in kb.duplicate_rules:
+    for rule in kb.index.duplicate_rules.rules_for(medications.drugs):
         members = [
             (medication, sorted(medication.drugs & rule.members))
-            for medication in medications
-            if medication.drugs & rule.members
+            for medication in medications.containing(rule.members)
         ]
         distinct = {tuple(drugs) for _, drugs in members}
         if len(members) < 2 or len(distinct) < 2:
@@ -52,7 +46,7 @@ def duplicate_findings(
         subjects = [medication.subject for medication, _ in members]
         class_name = kb.classes[rule.drug_class].name
         yield make_finding(
-            Category.DUPLICATE_THERAPY,
+            DUPLICATE_THERAPY,
             rule.text,
             subjects,
             f"{', '.join(subjects)}: {rule.text.summary}",

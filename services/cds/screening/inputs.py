@@ -11,10 +11,7 @@ from dataclasses import dataclass
 from arxio.cds.v1 import cds_pb2
 
 from services.cds.knowledge_base import AllergyMatch, KnowledgeBase
-from services.cds.rules import FindingText
 from services.cds.vocabulary import name_words
-
-Finding = cds_pb2.Finding
 
 
 @dataclass(frozen=True)
@@ -25,6 +22,44 @@ class ScreenedMedication:
     subject: str
     drugs: frozenset[str]
     item: cds_pb2.Medication
+    # The subject's name words, to tell a brand name from the ingredient.
+    words: tuple[str, ...]
+
+
+class ScreenedMedications:
+    """The screened medications in request order, indexed by drug."""
+
+    def __init__(self, items: list[ScreenedMedication]) -> None:
+        self.items = items
+        positions: dict[str, list[int]] = {}
+        for position, medication in enumerate(items):
+            for drug_id in medication.drugs:
+                positions.setdefault(drug_id, []).append(position)
+        # Drug id to the positions of the medications that contain it.
+        self.positions_by_drug = {
+            drug_id: tuple(found) for drug_id, found in positions.items()
+        }
+        self.drugs = frozenset(positions)
+
+    def positions_containing(self, drugs: frozenset[str]) -> tuple[int, ...]:
+        """Return the positions of the medications with any of `drugs`."""
+        common = drugs & self.drugs
+        if len(common) == 1:
+            return self.positions_by_drug[next(iter(common))]
+
+        return tuple(
+            sorted(
+                {
+                    position
+                    for drug_id in common
+                    for position in self.positions_by_drug[drug_id]
+                }
+            )
+        )
+
+    def containing(self, drugs: frozenset[str]) -> list[ScreenedMedication]:
+        """Return the medications with any of `drugs`, in request order."""
+        return [self.items[p] for p in self.positions_containing(drugs)]
 
 
 @dataclass(frozen=True)
@@ -43,41 +78,6 @@ class ScreenedCondition:
 
 def not_screened(subject: str, reason: str) -> cds_pb2.NotScreened:
     return cds_pb2.NotScreened(subject=subject, reason=reason)
-
-
-def make_finding(
-    category: int,
-    text: FindingText,
-    subjects: Sequence[str],
-    summary: str,
-    detail: str,
-    rule_id: str,
-    severity: int | None = None,
-) -> cds_pb2.Finding:
-    """Build a finding from a rule's text, cited with the rule's source."""
-    return Finding(
-        category=category,
-        severity=text.severity if severity is None else severity,
-        subjects=list(subjects),
-        summary=summary,
-        detail=detail,
-        action=text.action,
-        source=text.source.to_proto(),
-        rule_id=rule_id,
-    )
-
-
-def with_ingredients(
-    detail: str, matches: list[tuple[str, str]], kb: KnowledgeBase
-) -> str:
-    """Append which ingredient each brand or product name was matched to."""
-    notes = [
-        f"{subject} contains {kb.drugs[drug_id].name}."
-        for subject, drug_id in matches
-        if name_words(subject) != name_words(kb.drugs[drug_id].name)
-    ]
-
-    return " ".join([detail, *notes])
 
 
 def resolve_medications(
@@ -105,7 +105,11 @@ def resolve_medications(
             subject, code, bool(code_drugs), drugs, match.unrecognized, kb
         )
         if drugs:
-            medications.append(ScreenedMedication(subject, drugs, medication))
+            medications.append(
+                ScreenedMedication(
+                    subject, drugs, medication, name_words(subject)
+                )
+            )
         if not drugs or match.unrecognized:
             unrecognized.append(subject)
 

@@ -6,37 +6,33 @@ from arxio.cds.v1 import cds_pb2
 
 from services.cds.knowledge_base import KnowledgeBase
 from services.cds.rules import InteractionRule
-from services.cds.screening.inputs import (
-    ScreenedMedication,
+from services.cds.screening.findings import (
+    FindingRecord,
     make_finding,
     with_ingredients,
 )
+from services.cds.screening.inputs import (
+    ScreenedMedication,
+    ScreenedMedications,
+)
 
-Category = cds_pb2.Finding.Category
+DRUG_INTERACTION = cds_pb2.Finding.Category.DRUG_INTERACTION
 
 
 def interaction_findings(
-    medications: list[ScreenedMedication], kb: KnowledgeBase
-) -> Iterator[cds_pb2.Finding]:
+    medications: ScreenedMedications, kb: KnowledgeBase
+) -> Iterator[FindingRecord]:
     """Yield one finding per rule and pair of medications it matches."""
-    for rule in kb.interactions:
-        objects = [
-            index
-            for index, medication in enumerate(medications)
-            if medication.drugs & rule.object_drugs
-        ]
-        precipitants = [
-            index
-            for index, medication in enumerate(medications)
-            if medication.drugs & rule.precipitant_drugs
-        ]
+    for rule in kb.index.interactions.rules_for(medications.drugs):
+        objects = medications.positions_containing(rule.object_drugs)
+        precipitants = medications.positions_containing(rule.precipitant_drugs)
         paired = set()
         for first in objects:
             for second in precipitants:
                 pair = frozenset((first, second))
                 if first == second or pair in paired:
                     continue
-                a, b = medications[first], medications[second]
+                a, b = medications.items[first], medications.items[second]
                 matched = _matched_drugs(rule, a, b)
                 if matched:
                     paired.add(pair)
@@ -65,16 +61,14 @@ def _interaction_finding(
     b: ScreenedMedication,
     matched: tuple[str, str],
     kb: KnowledgeBase,
-) -> cds_pb2.Finding:
+) -> FindingRecord:
     detail = f"{rule.text.detail} Mechanism: {rule.mechanism}."
 
     return make_finding(
-        Category.DRUG_INTERACTION,
+        DRUG_INTERACTION,
         rule.text,
         [a.subject, b.subject],
         f"{a.subject} with {b.subject}: {rule.text.summary}",
-        with_ingredients(
-            detail, [(a.subject, matched[0]), (b.subject, matched[1])], kb
-        ),
+        with_ingredients(detail, [(a, matched[0]), (b, matched[1])], kb),
         rule.id,
     )

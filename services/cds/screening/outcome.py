@@ -2,9 +2,17 @@
 
 from arxio.cds.v1 import cds_pb2
 
+from services.cds.screening.findings import FindingRecord
+
 Finding = cds_pb2.Finding
 Category = Finding.Category
 Risk = cds_pb2.Risk
+# Read once, because each attribute read of a protobuf enum is a lookup.
+DRUG_INTERACTION = Category.DRUG_INTERACTION
+DRUG_ALLERGY = Category.DRUG_ALLERGY
+DRUG_CONDITION = Category.DRUG_CONDITION
+DUPLICATE_THERAPY = Category.DUPLICATE_THERAPY
+RULES = cds_pb2.Recommendation.Origin.RULES
 
 RISK_LEVEL_OF_SEVERITY = {
     Finding.Severity.CONTRAINDICATED: Risk.Level.CRITICAL,
@@ -14,7 +22,7 @@ RISK_LEVEL_OF_SEVERITY = {
 """Risk level for the most severe finding. Lower severities give LOW."""
 
 
-def finding_order(finding: cds_pb2.Finding) -> tuple:
+def finding_order(finding: FindingRecord) -> tuple:
     """Sort key: most severe first, then a stable order of the rest."""
     return (
         -finding.severity,
@@ -25,25 +33,25 @@ def finding_order(finding: cds_pb2.Finding) -> tuple:
     )
 
 
-def _recommendation_text(finding: cds_pb2.Finding) -> str:
+def _recommendation_text(finding: FindingRecord) -> str:
     subjects = finding.subjects
-    if finding.category == Category.DRUG_INTERACTION:
+    if finding.category == DRUG_INTERACTION:
         return f"{subjects[0]} with {subjects[1]}: {finding.action}"
-    if finding.category == Category.DRUG_ALLERGY:
+    if finding.category == DRUG_ALLERGY:
         return (
             f"{subjects[0]} (recorded allergy to {subjects[1]}): "
             f"{finding.action}"
         )
-    if finding.category == Category.DRUG_CONDITION:
+    if finding.category == DRUG_CONDITION:
         return f"{subjects[0]} ({subjects[1]}): {finding.action}"
-    if finding.category == Category.DUPLICATE_THERAPY:
+    if finding.category == DUPLICATE_THERAPY:
         return f"{', '.join(subjects)}: {finding.action}"
 
     return f"{subjects[0]}: {finding.action}"
 
 
 def recommendations(
-    findings: list[cds_pb2.Finding], unrecognized: list[str]
+    findings: list[FindingRecord], unrecognized: list[str]
 ) -> list[cds_pb2.Recommendation]:
     """Return one recommendation per finding's action, then per unknown."""
     texts = [_recommendation_text(finding) for finding in findings]
@@ -54,15 +62,13 @@ def recommendations(
     ]
 
     return [
-        cds_pb2.Recommendation(
-            text=text, origin=cds_pb2.Recommendation.Origin.RULES
-        )
+        cds_pb2.Recommendation(text=text, origin=RULES)
         for text in dict.fromkeys(texts)
     ]
 
 
 def risk(
-    findings: list[cds_pb2.Finding], unrecognized_count: int
+    findings: list[FindingRecord], unrecognized_count: int
 ) -> cds_pb2.Risk:
     """Rate the risk by the most severe finding and list what drove it.
 

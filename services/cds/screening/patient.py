@@ -5,18 +5,18 @@ Finding texts name the rule's thresholds, never the patient's own values,
 so a response echoes no demographics.
 """
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 from arxio.cds.v1 import cds_pb2
 
 from services.cds.knowledge_base import KnowledgeBase
 from services.cds.rules import FindingText
-from services.cds.screening.inputs import (
-    ScreenedMedication,
+from services.cds.screening.findings import (
+    FindingRecord,
     make_finding,
-    not_screened,
     with_ingredients,
 )
+from services.cds.screening.inputs import ScreenedMedications, not_screened
 
 Category = cds_pb2.Finding.Category
 Sex = cds_pb2.Patient.Sex
@@ -31,60 +31,56 @@ def _drug_findings(
     rule_id: str,
     text: FindingText,
     drugs: frozenset[str],
-    medications: list[ScreenedMedication],
+    medications: ScreenedMedications,
     kb: KnowledgeBase,
-) -> Iterator[cds_pb2.Finding]:
-    for medication in medications:
+) -> Iterator[FindingRecord]:
+    for medication in medications.containing(drugs):
         matched = sorted(medication.drugs & drugs)
-        if not matched:
-            continue
         yield make_finding(
             category,
             text,
             [medication.subject],
             f"{medication.subject}: {text.summary}",
-            with_ingredients(
-                text.detail, [(medication.subject, matched[0])], kb
-            ),
+            with_ingredients(text.detail, [(medication, matched[0])], kb),
             rule_id,
         )
 
 
 def patient_findings(
-    medications: list[ScreenedMedication],
+    medications: ScreenedMedications,
     patient: cds_pb2.Patient,
     kb: KnowledgeBase,
-) -> Iterator[cds_pb2.Finding]:
+) -> Iterator[FindingRecord]:
     """Yield the age, pregnancy, lactation and renal findings."""
+    index = kb.index
+    drugs = medications.drugs
     rules: list[tuple[int, object]] = []
     if patient.HasField("age_years"):
         rules += [
             (Category.AGE, rule)
-            for rule in kb.age_rules
+            for rule in index.age_rules.rules_for(drugs)
             if rule.applies(patient.age_years)
         ]
     if patient.pregnant:
-        rules += [(Category.PREGNANCY, rule) for rule in kb.pregnancy_rules]
+        rules += [
+            (Category.PREGNANCY, rule)
+            for rule in index.pregnancy_rules.rules_for(drugs)
+        ]
     if patient.lactating:
-        rules += [(Category.PREGNANCY, rule) for rule in kb.lactation_rules]
+        rules += [
+            (Category.PREGNANCY, rule)
+            for rule in index.lactation_rules.rules_for(drugs)
+        ]
     if patient.HasField("egfr"):
         rules += [
             (Category.RENAL, rule)
-            for rule in kb.renal_rules
+            for rule in index.renal_rules.rules_for(drugs)
             if rule.applies(patient.egfr)
         ]
     for category, rule in rules:
         yield from _drug_findings(
             category, rule.id, rule.text, rule.drugs, medications, kb
         )
-
-
-def _any_covered(
-    medications: list[ScreenedMedication], rules: Iterable
-) -> bool:
-    covered = frozenset().union(*(rule.drugs for rule in rules))
-
-    return any(medication.drugs & covered for medication in medications)
 
 
 def _could_be_pregnant(patient: cds_pb2.Patient) -> bool:
@@ -98,31 +94,31 @@ def _could_be_pregnant(patient: cds_pb2.Patient) -> bool:
 
 
 def missing_patient_inputs(
-    medications: list[ScreenedMedication],
+    medications: ScreenedMedications,
     patient: cds_pb2.Patient,
     kb: KnowledgeBase,
 ) -> list[cds_pb2.NotScreened]:
     """List the patient checks that apply to a medication but lack input."""
+    index = kb.index
+    drugs = medications.drugs
     gaps = []
-    if not patient.HasField("egfr") and _any_covered(
-        medications, kb.renal_rules
-    ):
+    if not patient.HasField("egfr") and index.renal_rules.covers_any(drugs):
         gaps.append(not_screened("renal dosing", "eGFR not given"))
-    if not patient.HasField("age_years") and _any_covered(
-        medications, kb.age_rules
+    if not patient.HasField("age_years") and (
+        index.age_rules.covers_any(drugs)
     ):
         gaps.append(not_screened("age screening", "age not given"))
     if _could_be_pregnant(patient):
-        if not patient.HasField("pregnant") and _any_covered(
-            medications, kb.pregnancy_rules
+        if not patient.HasField("pregnant") and (
+            index.pregnancy_rules.covers_any(drugs)
         ):
             gaps.append(
                 not_screened(
                     "pregnancy screening", "pregnancy status not given"
                 )
             )
-        if not patient.HasField("lactating") and _any_covered(
-            medications, kb.lactation_rules
+        if not patient.HasField("lactating") and (
+            index.lactation_rules.covers_any(drugs)
         ):
             gaps.append(
                 not_screened(

@@ -1,0 +1,137 @@
+"""Write the "Faults" section of docs/benchmarks.md from the fault figures.
+
+    .venv/bin/python bench/faults_report.py [--print]
+
+The fault tests (tests/e2e/test_faults_*.py, part of `make test`) and the
+soak (`make soak`) each write .run/faults/NAME.json. This script puts one
+row per file into a table and replaces only the "Faults" section of the
+document; the other sections belong to the other benchmarks.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from services.cds.evaluate import replace_section  # noqa: E402
+
+SECTION_HEADING = "## Faults"
+BENCHMARKS_DOC = REPO_ROOT / "docs" / "benchmarks.md"
+FIGURES_DIR = REPO_ROOT / ".run" / "faults"
+# Rows in the order of the fault list; unknown files follow by name.
+ORDER = (
+    "database-restart",
+    "model-stalled-killed",
+    "auth-killed",
+    "sigterm-cds-2",
+    "sigterm-auth-2",
+    "soak",
+)
+SOURCES = {
+    "database-restart": "tests/e2e/test_faults_database.py",
+    "model-stalled-killed": "tests/e2e/test_faults_model.py",
+    "auth-killed": "tests/e2e/test_faults_auth.py",
+    "sigterm-cds-2": "tests/e2e/test_faults_sigterm.py",
+    "sigterm-auth-2": "tests/e2e/test_faults_sigterm.py",
+    "soak": "bench/soak.py",
+}
+
+INTRO = """\
+Each fault test starts a suite of its own on loopback ports, sends
+requests from client threads while it breaks one part, and records what
+the clients saw. "Failed" counts every response that was not the
+expected one, so for an outage it counts the 503 answers while the part
+was down. "Recovered after" runs from the part's return to the end of
+the last failed request for the database, to the first request passed
+once auth reports SERVING again, and, for the model, from the runtime's
+restart to the first review it answered. "Entries lost" counts responses
+whose request id has no audit entry once the ingester caught up. The
+figures come from the last run of each test (`make test`, or `make soak`
+for the soak) on the machine below; `make faults-report` rewrites this
+section from .run/faults/*.json."""
+
+
+def load_figures(folder: Path) -> list[dict]:
+    """Return every fault record under `folder`, in the table's order."""
+    records = [json.loads(path.read_text()) for path in folder.glob("*.json")]
+    rank = {name: index for index, name in enumerate(ORDER)}
+
+    return sorted(
+        records, key=lambda r: (rank.get(r["fault"], len(ORDER)), r["fault"])
+    )
+
+
+def _seconds(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f} s"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    load = os.getloadavg()[0]
+
+    return (
+        f"{os.cpu_count()} CPUs ({model}), Python "
+        f"{sys.version.split()[0]}; load average {load:.2f} when this "
+        "section was written, from other work sharing the machine"
+    )
+
+
+def section(records: list[dict]) -> str:
+    lines = [
+        SECTION_HEADING,
+        "",
+        INTRO,
+        "",
+        "| Fault | Requests sent | Failed | Recovered after | Entries lost "
+        "| Notes | Run |",
+        "| --- | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for record in records:
+        source = SOURCES.get(record["fault"], "")
+        lines.append(
+            f"| {_cell(record['summary'])} | {record['requests_sent']} | "
+            f"{record['requests_failed']} | "
+            f"{_seconds(record['recovered_after_seconds'])} | "
+            f"{record['entries_lost']} | {_cell(record['notes'])} | "
+            f"`{source}`, {record['date'][:10]} |"
+        )
+    if not records:
+        lines.append("| no fault figures yet: run `make test` | | | | | | |")
+    lines += ["", f"Machine: {machine()}.", ""]
+
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--print",
+        action="store_true",
+        help="print the section instead of writing docs/benchmarks.md",
+    )
+    args = parser.parse_args()
+    text = section(load_figures(FIGURES_DIR))
+    if args.print:
+        print(text)
+        return 0
+    document = BENCHMARKS_DOC.read_text() if BENCHMARKS_DOC.exists() else ""
+    BENCHMARKS_DOC.write_text(replace_section(document, SECTION_HEADING, text))
+    print(f"wrote the Faults section of {BENCHMARKS_DOC}")
+
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

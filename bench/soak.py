@@ -1,0 +1,328 @@
+"""Soak the whole suite at a steady rate and watch every process's memory.
+
+    .venv/bin/python bench/soak.py [--minutes 10] [--warm-up-minutes 2]
+        [--rate 40] [--model-every 30] [--no-model]
+
+Starts its own suite on loopback ports (the real model runtime unless
+--no-model), sends rules-only reviews over REST and native gRPC and audit
+pages at a steady rate, plus one review with the model every
+--model-every seconds, and samples the memory of every process. It passes
+when no request fails, no service answered INTERNAL or UNKNOWN, the
+ingester stored every entry, and no process's memory grew 10% or more
+between the end of the warm-up and the end of the run.
+
+Memory is the resident set size of each child of the suite, and the
+proportional set size (shared pages split between sharers) of all
+PostgreSQL processes together, whose backends share one buffer pool.
+Figures go to .run/faults/soak.json; `make soak` then updates the
+"Faults" section of docs/benchmarks.md. Exits 1 when a check fails.
+"""
+
+import argparse
+import json
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from tests.e2e.fault_load import (  # noqa: E402
+    AUDIT_PAGE_PATH,
+    REVIEW_PATH,
+    RULES_ONLY,
+    RUN_ROOT,
+    WITH_MODEL,
+    Recorder,
+    grpc_review_sender,
+    has_interaction,
+    latency_ms,
+    missing_entries,
+    rest_sender,
+    sample_sum,
+    scrape,
+    write_figures,
+)
+from tests.edge import EdgeClient  # noqa: E402
+from tests.suite import Organization, own_stack  # noqa: E402
+
+# Largest growth of a process's memory after the warm-up, as a fraction.
+MAX_GROWTH = 0.10
+# Samples averaged at each end of the measured span, against noise.
+EDGE_SAMPLES = 3
+# Requests in flight at once; the rate drops when all are busy.
+MAX_IN_FLIGHT = 32
+# gRPC codes that mean a bug rather than a decision.
+ERROR_CODES = ("INTERNAL", "UNKNOWN", "DATA_LOSS")
+
+
+def resident_kib(pid: int) -> int:
+    """Return a process's resident set size in KiB (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+
+    return 0
+
+
+def proportional_kib(pid: int) -> int:
+    """Return a process's proportional set size in KiB, 0 once it ended."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+
+    return 0
+
+
+def process_tree(pid: int) -> list[int]:
+    """Return `pid` and its children (PostgreSQL's backends and workers)."""
+    children = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("PPid:") and int(line.split()[1]) == pid:
+                children.append(int(status.parent.name))
+                break
+
+    return [pid, *children]
+
+
+def memory_sample(stack) -> dict[str, int]:
+    """Return KiB of memory per process name."""
+    sample = {
+        child.name: resident_kib(child.process.pid)
+        for child in stack.children
+        if child.running()
+    }
+    postmaster = stack.database_pid()
+    if postmaster is not None:
+        sample["postgres (all processes, PSS)"] = sum(
+            proportional_kib(pid) for pid in process_tree(postmaster)
+        )
+
+    return sample
+
+
+def mean(values: list[int]) -> float:
+    return sum(values) / len(values)
+
+
+def growth(samples: list[dict[str, int]], warm_up_end: int) -> dict:
+    """Compare each process's memory after the warm-up and at the end."""
+    start = samples[warm_up_end : warm_up_end + EDGE_SAMPLES]
+    end = samples[-EDGE_SAMPLES:]
+    result = {}
+    for name in samples[-1]:
+        before = mean([sample[name] for sample in start])
+        after = mean([sample[name] for sample in end])
+        result[name] = {
+            "after_warm_up_mib": round(before / 1024, 1),
+            "end_mib": round(after / 1024, 1),
+            "growth": round(after / before - 1, 4) if before else None,
+        }
+
+    return result
+
+
+def steady_load(senders, rate: float, stop: threading.Event, recorder):
+    """Send requests round-robin at `rate` a second until `stop` is set."""
+    slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
+
+    def send(sender) -> None:
+        try:
+            recorder.add(sender())
+        finally:
+            slots.release()
+
+    with ThreadPoolExecutor(max_workers=MAX_IN_FLIGHT) as pool:
+        due = time.monotonic()
+        count = 0
+        while not stop.is_set():
+            slots.acquire()
+            pool.submit(send, senders[count % len(senders)])
+            count += 1
+            due += 1 / rate
+            time.sleep(max(0.0, due - time.monotonic()))
+
+
+def periodic(sender, every: float, stop: threading.Event, recorder) -> None:
+    while not stop.wait(every):
+        recorder.add(sender())
+
+
+def service_errors(stack) -> dict[str, float]:
+    """Count the RPCs each service answered with a bug's status code."""
+    errors = {}
+    for name in stack.metrics_ports:
+        if name in ("envoy", "audit-ingest"):
+            continue
+        samples = scrape(stack.metrics_ports[name])
+        errors[name] = sum(
+            sample_sum(samples, "grpc_server_handled_total", grpc_code=code)
+            for code in ERROR_CODES
+        )
+
+    return errors
+
+
+def run(args: argparse.Namespace) -> dict:
+    settings = {"model_timeout": 30.0}
+    if not args.no_model:
+        settings |= {"rules_only": False, "model_dir": RUN_ROOT / "models"}
+    with own_stack(**settings) as stack:
+        edge = EdgeClient(stack.edge_port, stack.certs_dir / "ca.crt")
+        org = Organization(stack, "enterprise")
+        key = {"x-api-key": org.api_key}
+        senders = [
+            rest_sender(
+                edge,
+                "review",
+                "POST",
+                REVIEW_PATH,
+                RULES_ONLY,
+                key,
+                has_interaction,
+            ),
+            grpc_review_sender(edge, org.api_key),
+            rest_sender(edge, "audit page", "GET", AUDIT_PAGE_PATH, None, key),
+        ]
+        model_sender = rest_sender(
+            edge,
+            "model review",
+            "POST",
+            REVIEW_PATH,
+            WITH_MODEL,
+            key,
+            has_interaction,
+        )
+        recorder = Recorder()
+        stop = threading.Event()
+        threads = [
+            threading.Thread(
+                target=steady_load, args=(senders, args.rate, stop, recorder)
+            )
+        ]
+        if not args.no_model:
+            threads.append(
+                threading.Thread(
+                    target=periodic,
+                    args=(model_sender, args.model_every, stop, recorder),
+                )
+            )
+        samples = []
+        warm_up_end = 0
+        started = time.monotonic()
+        warm_up_until = started + args.warm_up_minutes * 60
+        end = started + args.minutes * 60
+        for thread in threads:
+            thread.start()
+        try:
+            while time.monotonic() < end:
+                samples.append(memory_sample(stack))
+                if time.monotonic() < warm_up_until:
+                    warm_up_end = len(samples)
+                time.sleep(args.sample_seconds)
+            samples.append(memory_sample(stack))
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(120)
+        elapsed = time.monotonic() - started
+        outcomes = recorder.snapshot()
+        failed = [o for o in outcomes if not o.ok]
+        missing = missing_entries(stack, recorder.request_ids())
+        errors = service_errors(stack)
+        memory = growth(samples, warm_up_end)
+
+    largest = max(
+        (figures["growth"] or 0.0 for figures in memory.values()), default=0
+    )
+    failures = {
+        "requests failed": len(failed),
+        "entries lost": len(missing),
+        "service errors": int(sum(errors.values())),
+        "memory growth over 10%": sum(
+            (figures["growth"] or 0.0) >= MAX_GROWTH
+            for figures in memory.values()
+        ),
+    }
+
+    return {
+        "summary": f"{args.minutes:g} minutes at {args.rate:g} requests a "
+        f"second, {args.warm_up_minutes:g} of them warm-up",
+        "requests_sent": len(outcomes),
+        "requests_failed": len(failed),
+        "recovered_after_seconds": None,
+        "entries_lost": len(missing),
+        "notes": (
+            f"achieved {len(outcomes) / elapsed:.1f} requests a second; "
+            f"largest memory growth after warm-up {largest:.1%}; "
+            f"INTERNAL or UNKNOWN answers {int(sum(errors.values()))}"
+        ),
+        "passed": not any(failures.values()),
+        "failures": failures,
+        "failed_examples": [(o.kind, o.status, o.detail) for o in failed[:10]],
+        "memory": memory,
+        "latency": {
+            kind: latency_ms([o for o in outcomes if o.kind == kind])
+            for kind in ("review", "grpc review", "audit page", "model review")
+        },
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--minutes", type=float, default=10.0, help="run length in minutes"
+    )
+    parser.add_argument(
+        "--warm-up-minutes",
+        type=float,
+        default=2.0,
+        help="minutes of load before the memory baseline",
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=40.0,
+        help="rules-only requests a second, over REST and gRPC",
+    )
+    parser.add_argument(
+        "--model-every",
+        type=float,
+        default=30.0,
+        help="seconds between two reviews with the model",
+    )
+    parser.add_argument(
+        "--sample-seconds",
+        type=float,
+        default=10.0,
+        help="seconds between two memory samples",
+    )
+    parser.add_argument(
+        "--no-model",
+        action="store_true",
+        help="run without the model runtime (rules-only reviews)",
+    )
+    args = parser.parse_args()
+    if args.warm_up_minutes >= args.minutes:
+        parser.error("--warm-up-minutes must be shorter than --minutes")
+    figures = run(args)
+    path = write_figures("soak", figures)
+    print(json.dumps(figures, indent=2))
+    print(f"figures written to {path}")
+
+    return 0 if figures["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The operator API of EHR issuers and CDS Hooks settings."""
+
+import ipaddress
+import urllib.parse
+import uuid
+
+import grpc
+import structlog
+from arxio.auth.v1 import ehr_pb2, ehr_pb2_grpc
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from services.auth.ehr_store import EhrIssuerRow, EhrStore, IssuerTaken
+from services.auth.store import AuthStore
+from services.common.errors import FieldViolation, abort, abort_invalid
+from services.common.identity import PRINCIPAL_HEADER, metadata_value
+
+log = structlog.get_logger()
+
+MAX_ISSUER_LENGTH = 500
+MAX_URL_LENGTH = 2000
+MIN_MODEL_TIMEOUT_MS = 100
+MAX_MODEL_TIMEOUT_MS = 10_000
+
+
+def issuer_message(row: EhrIssuerRow) -> ehr_pb2.EhrIssuer:
+    created = timestamp_pb2.Timestamp()
+    created.FromDatetime(row.create_time)
+
+    return ehr_pb2.EhrIssuer(
+        issuer_id=row.issuer_id,
+        org_id=row.org_id,
+        issuer=row.issuer,
+        jwks_url=row.jwks_url,
+        create_time=created,
+    )
+
+
+def jwks_url_violations(url: str) -> list[FieldViolation]:
+    """Accept only absolute https URLs with a host and no credentials."""
+    if len(url) > MAX_URL_LENGTH:
+        return [
+            FieldViolation(
+                "jwksUrl", f"must be at most {MAX_URL_LENGTH} characters"
+            )
+        ]
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        return [
+            FieldViolation(
+                "jwksUrl",
+                "must be an https URL such as "
+                "https://ehr.example.org/.well-known/jwks.json",
+            )
+        ]
+    if parts.username or parts.password or parts.fragment:
+        return [
+            FieldViolation(
+                "jwksUrl", "must not carry credentials or a fragment"
+            )
+        ]
+    try:
+        address = ipaddress.ip_address(parts.hostname)
+    except ValueError:
+        return []
+    if address.is_link_local or address.is_multicast or address.is_unspecified:
+        return [
+            FieldViolation(
+                "jwksUrl", f"host {address} is not a usable server address"
+            )
+        ]
+
+    return []
+
+
+def _valid_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+
+    return True
+
+
+class EhrAccessServicer(ehr_pb2_grpc.EhrAccessServiceServicer):
+    def __init__(self, store: AuthStore, ehr_store: EhrStore) -> None:
+        self._store = store
+        self._ehr_store = ehr_store
+
+    async def _organization(self, context, org_id: str) -> str:
+        # The edge sets the principal only after checking the operator
+        # token.
+        if metadata_value(context, PRINCIPAL_HEADER) != "operator":
+            await abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                "operator credential required",
+            )
+        if not _valid_uuid(org_id):
+            await abort_invalid(
+                context, [FieldViolation("orgId", "must be a UUID")]
+            )
+        if await self._store.get_organization(org_id) is None:
+            await abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"organization {org_id} not found",
+            )
+
+        return org_id
+
+    async def RegisterEhrIssuer(self, request, context):
+        org_id = await self._organization(context, request.org_id)
+        issuer = request.issuer.strip()
+        violations = jwks_url_violations(request.jwks_url.strip())
+        if not issuer or len(issuer) > MAX_ISSUER_LENGTH:
+            violations.append(
+                FieldViolation(
+                    "issuer",
+                    f"must be 1 to {MAX_ISSUER_LENGTH} characters: the "
+                    "EHR's JWT iss value",
+                )
+            )
+        if violations:
+            await abort_invalid(context, violations)
+        try:
+            row = await self._ehr_store.insert_issuer(
+                org_id, issuer, request.jwks_url.strip()
+            )
+        except IssuerTaken:
+            await abort(
+                context,
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"issuer {issuer[:200]!r} is already registered: an issuer "
+                "authenticates one organization; delete it first to move it",
+            )
+        log.info(
+            "auth.ehr_issuer_registered",
+            org_id=org_id,
+            issuer_id=row.issuer_id,
+        )
+
+        return issuer_message(row)
+
+    async def ListEhrIssuers(self, request, context):
+        org_id = await self._organization(context, request.org_id)
+        rows = await self._ehr_store.list_issuers(org_id)
+
+        return ehr_pb2.ListEhrIssuersResponse(
+            ehr_issuers=[issuer_message(row) for row in rows]
+        )
+
+    async def DeleteEhrIssuer(self, request, context):
+        org_id = await self._organization(context, request.org_id)
+        row = None
+        if _valid_uuid(request.issuer_id):
+            row = await self._ehr_store.delete_issuer(
+                org_id, request.issuer_id
+            )
+        if row is None:
+            await abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"EHR issuer {request.issuer_id[:64]!r} not found in "
+                f"organization {org_id}",
+            )
+        log.info(
+            "auth.ehr_issuer_deleted", org_id=org_id, issuer_id=row.issuer_id
+        )
+
+        return issuer_message(row)
+
+    async def SetCdsHooksSettings(self, request, context):
+        org_id = await self._organization(context, request.org_id)
+        timeout_ms = None
+        if request.HasField("model_review_timeout"):
+            timeout_ms = round(
+                request.model_review_timeout.ToTimedelta().total_seconds()
+                * 1000
+            )
+            if timeout_ms == 0:
+                timeout_ms = None
+            elif (
+                not MIN_MODEL_TIMEOUT_MS <= timeout_ms <= MAX_MODEL_TIMEOUT_MS
+            ):
+                await abort_invalid(
+                    context,
+                    [
+                        FieldViolation(
+                            "modelReviewTimeout",
+                            "must be 0s (off) or 0.1s to 10s, got "
+                            f"{timeout_ms / 1000:g}s",
+                        )
+                    ],
+                )
+        await self._ehr_store.set_model_review_timeout_ms(org_id, timeout_ms)
+        log.info(
+            "auth.cds_hooks_settings_set",
+            org_id=org_id,
+            model_review_timeout_ms=timeout_ms or 0,
+        )
+        settings = ehr_pb2.CdsHooksSettings(org_id=org_id)
+        if timeout_ms:
+            settings.model_review_timeout.CopyFrom(
+                duration_pb2.Duration(
+                    seconds=timeout_ms // 1000,
+                    nanos=(timeout_ms % 1000) * 1_000_000,
+                )
+            )
+
+        return settings

@@ -1,0 +1,70 @@
+"""Billing settings read from the environment."""
+
+import pytest
+
+from services.billing.config import (
+    DEFAULT_STRIPE_API_BASE,
+    StripeConfig,
+    UsageReportConfig,
+)
+from services.common.config import ConfigError, Environment
+
+
+def stripe_from(**values: str) -> StripeConfig | None:
+    return StripeConfig.from_env(Environment(values))
+
+
+class TestStripeConfig:
+    def test_no_key_means_no_stripe(self):
+        assert stripe_from(STRIPE_PRO_PRICE_ID="price_1") is None
+
+    def test_defaults(self):
+        config = stripe_from(
+            STRIPE_API_KEY="sk_test_1", STRIPE_PRO_PRICE_ID="price_1"
+        )
+
+        assert DEFAULT_STRIPE_API_BASE == config.api_base
+        assert 2 == config.max_network_retries
+        assert config.metered_price_id is None
+        assert "arxio_api_requests" == config.meter_event_name
+
+    def test_missing_price_named(self):
+        with pytest.raises(ConfigError, match="STRIPE_PRO_PRICE_ID"):
+            stripe_from(STRIPE_API_KEY="sk_test_1")
+
+    def test_local_http_base_allowed(self):
+        config = stripe_from(
+            STRIPE_API_KEY="sk_test_1",
+            STRIPE_PRO_PRICE_ID="price_1",
+            STRIPE_API_BASE="http://127.0.0.1:12111/",
+        )
+
+        assert "http://127.0.0.1:12111" == config.api_base
+
+    @pytest.mark.parametrize(
+        "base", ["http://stripe.example.test", "ftp://127.0.0.1", "127.0.0.1"]
+    )
+    def test_invalid_base_rejected(self, base):
+        with pytest.raises(ConfigError, match="STRIPE_API_BASE"):
+            stripe_from(
+                STRIPE_API_KEY="sk_test_1",
+                STRIPE_PRO_PRICE_ID="price_1",
+                STRIPE_API_BASE=base,
+            )
+
+    def test_retries_bounded(self):
+        with pytest.raises(ConfigError, match="maximum 5"):
+            stripe_from(
+                STRIPE_API_KEY="sk_test_1",
+                STRIPE_PRO_PRICE_ID="price_1",
+                STRIPE_MAX_NETWORK_RETRIES="50",
+            )
+
+
+class TestUsageReportConfig:
+    def test_lookback_within_stripe_window(self):
+        """Stripe accepts meter events up to 35 days old."""
+        with pytest.raises(ConfigError, match="maximum 34"):
+            UsageReportConfig.from_env(
+                Environment({"ARXIO_BILLING_USAGE_LOOKBACK_DAYS": "40"})
+            )
