@@ -38,7 +38,7 @@ from envoy.service.auth.v3 import (
     external_auth_pb2_grpc,
 )
 
-from services.cds.evaluate import replace_section
+from services.common.markdown import replace_section
 from services.launcher.envoy_config import render_text
 from services.launcher.processes import free_port
 from services.launcher.stack import REPO_ROOT, Stack, StackSettings

@@ -17,7 +17,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from services.cds.evaluate import replace_section  # noqa: E402
+from services.common.markdown import replace_section  # noqa: E402
 
 SECTION_HEADING = "## Faults"
 BENCHMARKS_DOC = REPO_ROOT / "docs" / "benchmarks.md"

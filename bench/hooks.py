@@ -33,7 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench.screening import cpu_model, percentile  # noqa: E402
-from services.cds.evaluate import replace_section  # noqa: E402
+from services.common.markdown import replace_section  # noqa: E402
 from services.launcher.stack import Stack, StackSettings  # noqa: E402
 from tests.suite import Organization  # noqa: E402
 

@@ -31,9 +31,9 @@ from pathlib import Path
 
 from arxio.cds.v1 import cds_pb2
 
-from services.cds.evaluate import replace_section
 from services.cds.knowledge_base import KnowledgeBase, load_knowledge_base
 from services.cds.screening import screen
+from services.common.markdown import replace_section
 
 REVIEW_SIZE = 50
 TARGET_P99_MS = 5.0
