@@ -4,23 +4,18 @@ restarts, and afterwards every response's request id has exactly one
 entry."""
 
 import json
-import shutil
-import tempfile
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 import psycopg
 import pytest
 from arxio.cds.v1 import cds_pb2, cds_pb2_grpc
 
-from services.launcher.processes import free_port
-from services.launcher.stack import REPO_ROOT, Stack, StackSettings
 from tests.edge import EdgeClient
-from tests.suite import Organization, cli_process
+from tests.suite import Organization, cli_process, own_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -39,21 +34,10 @@ STORE_WAIT = 90.0
 
 
 @pytest.fixture
-def own_stack():
+def outage_stack():
     """A suite of its own, since this test stops its database."""
-    run_dir = Path(tempfile.mkdtemp(prefix="test-", dir=REPO_ROOT / ".run"))
-    run_dir.chmod(0o755)
-    settings = StackSettings(
-        run_dir=run_dir,
-        edge_port=0,
-        log_to_files=True,
-        ollama_host=f"http://127.0.0.1:{free_port()}",
-        checkpoint_seconds=1.0,
-    )
-    running = Stack(settings).start()
-    yield running
-    running.stop()
-    shutil.rmtree(run_dir, ignore_errors=True)
+    with own_stack(checkpoint_seconds=1.0) as running:
+        yield running
 
 
 @dataclass
@@ -186,8 +170,8 @@ def wait_for_entries(stack, request_ids: list[str]) -> Counter:
         time.sleep(0.5)
 
 
-def test_every_request_has_one_entry(own_stack):
-    stack = own_stack
+def test_every_request_has_one_entry(outage_stack):
+    stack = outage_stack
     edge = EdgeClient(stack.edge_port, stack.certs_dir / "ca.crt")
     org = Organization(stack, plan="pro")
     free_org = Organization(stack, plan="free")

@@ -28,11 +28,10 @@ from services.audit.ingest import AuditIngester, file_id, read_batch
 from services.audit.store import AuditStore
 from services.common import db
 from services.common.migrations import migrate, service_role
-from services.launcher.processes import free_port
-from services.launcher.stack import REPO_ROOT, Stack, StackSettings
+from services.launcher.stack import REPO_ROOT
 from tests.e2e.test_audit import stored_rows
 from tests.edge import EdgeClient
-from tests.suite import Organization, cli_process
+from tests.suite import Organization, cli_process, own_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -380,22 +379,10 @@ class TestRejection:
 
 
 @pytest.fixture(scope="module")
-def own_stack():
+def retention_stack():
     """A suite of its own, since the job drops partitions of its database."""
-    RUN_ROOT.mkdir(exist_ok=True)
-    run_dir = Path(tempfile.mkdtemp(prefix="test-", dir=RUN_ROOT))
-    run_dir.chmod(0o755)
-    settings = StackSettings(
-        run_dir=run_dir,
-        edge_port=0,
-        log_to_files=True,
-        ollama_host=f"http://127.0.0.1:{free_port()}",
-        checkpoint_seconds=1.0,
-    )
-    running = Stack(settings).start()
-    yield running
-    running.stop()
-    shutil.rmtree(run_dir, ignore_errors=True)
+    with own_stack(checkpoint_seconds=1.0) as running:
+        yield running
 
 
 def wait_for_checkpoint(stack, org_id: str, seq: int) -> None:
@@ -413,8 +400,8 @@ def wait_for_checkpoint(stack, org_id: str, seq: int) -> None:
             time.sleep(0.25)
 
 
-def test_old_months_dropped_and_trail_verifies(own_stack, tmp_path):
-    stack = own_stack
+def test_old_months_dropped_and_trail_verifies(retention_stack, tmp_path):
+    stack = retention_stack
     url = stack.admin_database_url
     edge = EdgeClient(stack.edge_port, stack.certs_dir / "ca.crt")
     org = Organization(stack)

@@ -2,18 +2,13 @@
 checkout, the customer portal, a Stripe outage, and the usage job."""
 
 import datetime
-import shutil
-import tempfile
 import time
 import uuid
-from pathlib import Path
 
 import psycopg
 import pytest
 
 from services.billing.usage_reports import meter_identifier
-from services.launcher.processes import free_port
-from services.launcher.stack import REPO_ROOT, Stack, StackSettings
 from tests.billing.fake_stripe import API_KEY, FakeStripe
 from tests.billing.stripe_events import (
     WEBHOOK_PATH,
@@ -22,7 +17,7 @@ from tests.billing.stripe_events import (
     signed_headers,
 )
 from tests.edge import EdgeClient
-from tests.suite import Organization
+from tests.suite import Organization, own_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -45,14 +40,8 @@ def fake_stripe():
 @pytest.fixture(scope="module")
 def stripe_stack(fake_stripe):
     """A suite of its own whose billing service calls the local Stripe."""
-    run_dir = Path(tempfile.mkdtemp(prefix="test-", dir=REPO_ROOT / ".run"))
-    run_dir.chmod(0o755)
-    settings = StackSettings(
-        run_dir=run_dir,
-        edge_port=0,
-        log_to_files=True,
-        # No model runtime: these tests ask for no model review.
-        ollama_host=f"http://127.0.0.1:{free_port()}",
+    # No model runtime: these tests ask for no model review.
+    with own_stack(
         billing_environment={
             "STRIPE_API_KEY": API_KEY,
             "STRIPE_API_BASE": fake_stripe.base_url,
@@ -62,11 +51,8 @@ def stripe_stack(fake_stripe):
             "ARXIO_BILLING_USAGE_REPORT_SECONDS": "0.5",
             "ARXIO_BILLING_USAGE_SETTLE_SECONDS": "0",
         },
-    )
-    running = Stack(settings).start()
-    yield running
-    running.stop()
-    shutil.rmtree(run_dir, ignore_errors=True)
+    ) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
