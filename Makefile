@@ -69,7 +69,7 @@ evaluate:
 
 ## bench-screening: time the screening of a 50-medication review on one core and update docs/benchmarks.md
 bench-screening:
-	$(PY) bench/screening.py
+	$(PY) bench/screening.py --gc-freeze
 
 .PHONY: bench-auth
 
@@ -124,3 +124,13 @@ setup: k8s-tools
 ## bench-hooks: time CDS Hooks calls through the local edge (p50, p99 per hook); update docs/benchmarks.md
 bench-hooks:
 	$(PY) bench/hooks.py
+
+.PHONY: soak faults-report
+
+## soak: run the suite for 10 minutes at a steady rate and check that no request fails and no process's memory grows 10% after warm-up; update docs/benchmarks.md
+soak:
+	$(PY) bench/soak.py; status=$$?; $(PY) bench/faults_report.py; exit $$status
+
+## faults-report: write the Faults section of docs/benchmarks.md from the figures of the last fault tests and soak (.run/faults)
+faults-report:
+	$(PY) bench/faults_report.py

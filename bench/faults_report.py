@@ -4,8 +4,8 @@
 
 The fault tests (tests/e2e/test_faults_*.py, part of `make test`) and the
 soak (`make soak`) each write .run/faults/NAME.json. This script puts one
-row per file into a table and replaces only the "Faults" section of the
-document; the other sections belong to the other benchmarks.
+row per file into a table. It replaces only the "Faults" section of the
+document, because the other sections belong to other benchmarks.
 """
 
 import argparse
@@ -44,11 +44,11 @@ INTRO = """\
 Each fault test starts a suite of its own on loopback ports, sends
 requests from client threads while it breaks one part, and records what
 the clients saw. "Failed" counts every response that was not the
-expected one, so for an outage it counts the 503 answers while the part
+expected one, so for an outage it counts the 503 responses while the part
 was down. "Recovered after" runs from the part's return to the end of
 the last failed request for the database, to the first request passed
 once auth reports SERVING again, and, for the model, from the runtime's
-restart to the first review it answered. "Entries lost" counts responses
+restart to the first review it replied to. "Entries lost" counts responses
 whose request id has no audit entry once the ingester caught up. The
 figures come from the last run of each test (`make test`, or `make soak`
 for the soak) on the machine below; `make faults-report` rewrites this

@@ -275,12 +275,16 @@ def verify_chain(
     checkpoints: Iterable[Checkpoint],
     keys: Mapping[str, Ed25519PublicKey],
     last_removed_seq: int = 0,
+    segment: bool = False,
 ) -> Verification:
     """Recompute one chain and compare it with its signed checkpoints.
 
     `entries` come in ascending `seq` order. `last_removed_seq` is where
     the retention job cut the chain; the first remaining entry must link
-    to a signed checkpoint at that sequence number.
+    to a signed month-end checkpoint at that sequence number. With
+    `segment`, the entries are what followed the checkpoint at
+    `last_removed_seq`, any kind, and need no checkpoint of their own: the
+    checkpointer verifies them before it signs them.
     """
     result = Verification(chain_id)
     checkpoints = sorted(checkpoints, key=lambda point: point.seq)
@@ -305,7 +309,9 @@ def verify_chain(
                     f"of a trusted key (key id {point.public_key_id})",
                 )
             )
-        else:
+        elif point.seq not in by_seq or point.month_end is not None:
+            # A month-end checkpoint may share its entry with a plain one;
+            # keep the month-end one, which a retention cut needs.
             by_seq[point.seq] = point
 
     expected_seq = last_removed_seq + 1
@@ -314,7 +320,19 @@ def verify_chain(
     if last_removed_seq:
         expected_prev = None
         anchor = by_seq.get(last_removed_seq)
-        if anchor is None:
+        # The retention job cuts a chain only at a month's last entry,
+        # which the checkpointer signs as such when the month closes.
+        if anchor is not None and anchor.month_end is None and not segment:
+            result.problems.append(
+                Problem(
+                    "deleted",
+                    last_removed_seq,
+                    f"the retention cut at seq {last_removed_seq} is not at "
+                    "a signed month end: entries before it were deleted",
+                )
+            )
+            anchor = None
+        elif anchor is None:
             result.problems.append(
                 Problem(
                     "deleted",
@@ -383,6 +401,15 @@ def verify_chain(
         expected_seq = entry.seq + 1
         result.last_seq = entry.seq
 
+    if result.entries_checked and not by_seq and not segment:
+        result.problems.append(
+            Problem(
+                "checkpoint",
+                result.first_seq,
+                "no checkpoint signed by a trusted key covers this chain, so "
+                "nothing proves its entries were not rewritten",
+            )
+        )
     beyond = [
         point
         for seq, point in by_seq.items()

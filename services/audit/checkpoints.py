@@ -64,6 +64,7 @@ class Checkpointer:
             anchors,
             self._trusted_keys,
             last_removed_seq=signed_seq,
+            segment=True,
         )
         if not result.intact:
             first = result.problems[0]

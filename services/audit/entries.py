@@ -16,6 +16,8 @@ from services.common.errors import HTTP_STATUS_OF_CODE
 
 # Action of requests that matched no API method.
 UNROUTED_ACTION = "edge.unrouted"
+# Prefix of the request id an entry gets when the edge made none.
+UNASSIGNED_REQUEST_ID_PREFIX = "unassigned-"
 # Endpoint of requests that matched no API method.
 UNROUTED_ENDPOINT = "(unrouted)"
 MAX_ENDPOINT_LENGTH = 2048
@@ -76,7 +78,10 @@ def audit_row(line: Mapping) -> AuditRow:
     """Build the row of one access-log line, or raise InvalidLogLine."""
     request_id = _text(line, "request_id")
     if not request_id:
-        raise InvalidLogLine("the line has no request id")
+        # Envoy rejected the request before it made an id (a malformed or
+        # oversized header, for example): the entry gets one of its own,
+        # marked as such, so that no request goes unrecorded.
+        request_id = f"{UNASSIGNED_REQUEST_ID_PREFIX}{uuid.uuid4()}"
     http_method = _text(line, "method")
     path = _text(line, "path").split("?", 1)[0]
     method = methods.find_method(http_method, path)

@@ -283,11 +283,15 @@ def _require_signed_checkpoint(
     points: Sequence[chain.Checkpoint],
     keys: Mapping[str, Ed25519PublicKey],
 ) -> None:
-    anchor = next((p for p in points if p.seq == span.last_seq), None)
+    anchor = next(
+        (p for p in points if p.seq == span.last_seq and p.month_end),
+        None,
+    )
     if anchor is None:
         raise DropRejected(
             partition.name,
-            f"no checkpoint at seq {span.last_seq}, the chain's last entry "
+            f"no month-end checkpoint at seq {span.last_seq}, the chain's "
+            "last entry "
             f"in {partition.name}: the audit service signs one at its first "
             "checkpoint run after the month ends, so run the job again "
             "after that",
@@ -370,6 +374,8 @@ def _verify_span(
                 [point for point in points if start <= point.seq <= end],
                 keys,
                 last_removed_seq=start,
+                # Each window starts at a checkpoint and ends at one.
+                segment=True,
             )
         if not result.intact:
             first = result.problems[0]

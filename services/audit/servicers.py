@@ -127,6 +127,14 @@ def _time(stamp: timestamp_pb2.Timestamp) -> datetime.datetime:
 
 async def _filters(context, request) -> EventFilter:
     violations = []
+    for field, value in (
+        ("action", request.action),
+        ("keyId", request.key_id),
+    ):
+        if "\x00" in value:
+            violations.append(
+                FieldViolation(field, "must not contain the NUL character")
+            )
     if len(request.action) > MAX_ACTION_LENGTH:
         violations.append(
             FieldViolation("action", f"at most {MAX_ACTION_LENGTH} characters")

@@ -219,7 +219,7 @@ class AuditStore:
                     " month_end, issue_time, public_key_id, signature)"
                     " VALUES (:chain_id, :seq, :hash, :month_end,"
                     " :issue_time, :public_key_id, :signature)"
-                    " ON CONFLICT (chain_id, seq) DO NOTHING"
+                    " ON CONFLICT DO NOTHING"
                 ),
                 point.__dict__,
             )

@@ -22,6 +22,7 @@ from services.auth.store import AuthStore, KeyRow, OrganizationRow
 from services.common import pagination
 from services.common.errors import FieldViolation, abort, abort_invalid
 from services.common.identity import (
+    KEY_ID_HEADER,
     PRINCIPAL_HEADER,
     SCOPES_HEADER,
     caller_org_id,
@@ -172,8 +173,7 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
             violations.append(
                 FieldViolation(
                     "scopes",
-                    "unknown scope: use CLINICAL_REVIEW, AUDIT_READ, "
-                    "BILLING_READ or KEY_MANAGEMENT",
+                    "unknown scope: use one of " + ", ".join(ALL_SCOPES),
                 )
             )
         beyond = sorted(set(requested) - caller_scopes)
@@ -195,6 +195,13 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
         if violations:
             await abort_invalid(context, violations)
         scopes = sorted(set(requested) or (caller_scopes & set(ALL_SCOPES)))
+        # A key cannot outlive the key that created it.
+        caller = await self._store.get_key(
+            org_id, metadata_value(context, KEY_ID_HEADER)
+        )
+        if caller is not None and caller.expire_time is not None:
+            if expire_time is None or expire_time > caller.expire_time:
+                expire_time = caller.expire_time
 
         return await issue_key(
             self._store, org_id, request.name, scopes, expire_time
@@ -217,13 +224,23 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
         return response
 
     async def RotateKey(self, request, context):
-        org_id, _ = await self._caller(context)
+        org_id, caller_scopes = await self._caller(context)
         old = await self._store.get_key(org_id, request.key_id)
         if old is None or old.revoke_time is not None:
             await abort(
                 context,
                 grpc.StatusCode.NOT_FOUND,
                 f"key {request.key_id[:64]!r} not found in this organization",
+            )
+        # The new key has the old key's scopes: the caller may only hand
+        # out scopes it has itself, as when it creates a key.
+        beyond = sorted(set(old.scopes) - caller_scopes)
+        if beyond:
+            await abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"key {old.key_id} has scopes the calling key lacks "
+                f"({', '.join(beyond)}): rotate it with a key that has them",
             )
         now = datetime.datetime.now(datetime.UTC)
         if old.expire_time is not None and old.expire_time <= now:
@@ -412,8 +429,7 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
             violations.append(
                 FieldViolation(
                     "scopes",
-                    "unknown scope: use CLINICAL_REVIEW, AUDIT_READ, "
-                    "BILLING_READ or KEY_MANAGEMENT",
+                    "unknown scope: use one of " + ", ".join(ALL_SCOPES),
                 )
             )
         if violations:

@@ -1,9 +1,11 @@
 """The auth decision Envoy asks for on every request (ext_authz).
 
-Order of checks: no credential may travel in the URL; the RPC must exist;
-operator methods need the operator token; every other method needs a
-well-formed, known, unexpired key, then an active organization, a client
-address inside its IP allowlist if it has one, and the method's scope.
+Order of checks: no credential may travel in the URL; the URL must decode
+to UTF-8 without NUL, and every header must fit in gRPC metadata; the RPC
+must exist; operator methods need the operator token; every other method
+needs a well-formed, known, unexpired key, then an active organization, a
+client address inside its IP allowlist if it has one, and the method's
+scope.
 Every request whose key is known counts toward its organization's daily
 quota, even when a later check denies it; requests rejected before the key
 is known count for no organization.
@@ -137,24 +139,26 @@ def _credential_in_query(path: str) -> bool:
     return False
 
 
-def _url_is_utf8(path: str) -> bool:
-    """Tell whether a URL's percent-encoded bytes decode as UTF-8.
+def _url_problem(path: str) -> str | None:
+    """Return why a URL's percent-encoded bytes cannot reach a service.
 
-    The transcoder copies path and query values into string fields, and a
-    gRPC server fails a message whose string field is not UTF-8 with an
-    internal error instead of a client error.
+    The transcoder copies path and query values into string fields. A gRPC
+    server fails a message whose string is not UTF-8 with an internal
+    error, and PostgreSQL text cannot hold the NUL character.
     """
     try:
-        urllib.parse.unquote_to_bytes(path).decode("utf-8")
+        decoded = urllib.parse.unquote_to_bytes(path).decode("utf-8")
     except UnicodeDecodeError:
-        return False
+        return "its percent-encoded bytes are not UTF-8"
+    if "\x00" in decoded:
+        return "it contains the NUL character (%00)"
 
-    return True
+    return None
 
 
-# What gRPC metadata allows: these characters in a header name, and
-# printable ASCII in the value unless the name ends in -bin. A gRPC server
-# fails a call whose metadata breaks this with INTERNAL, not a client error.
+# The characters gRPC metadata allows in a header name, and in the value of
+# a name without the -bin suffix (printable ASCII). A gRPC server fails a
+# call whose metadata has others with INTERNAL, not a client error.
 _METADATA_NAME = re.compile(r"^[0-9a-z_.-]+$")
 _METADATA_VALUE = re.compile(r"^[\x20-\x7e]*$")
 
@@ -241,11 +245,12 @@ class AuthDecider:
                 "in the URL: a key sent in a URL may be stored by proxies "
                 "and browsers, so revoke it and create a new one",
             )
-        if not _url_is_utf8(facts.path):
+        url_problem = _url_problem(facts.path)
+        if url_problem is not None:
             return _deny(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                "invalid URL: its percent-encoded bytes are not UTF-8; "
-                "encode path and query values as UTF-8",
+                f"invalid URL: {url_problem}. Send path and query values "
+                "as percent-encoded UTF-8 text",
             )
         invalid_header = _invalid_header(facts.headers)
         if invalid_header is not None:

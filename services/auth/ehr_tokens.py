@@ -274,6 +274,12 @@ class EhrTokenVerifier:
             raise TokenRejected("the JWT's signature is invalid") from None
         except jwt.PyJWTError as error:
             raise TokenRejected(f"the JWT is invalid: {error}") from None
+        except (TypeError, ValueError):
+            # A key of one type named for an algorithm of another, such as
+            # an EC key with RS384: the library raises outside its errors.
+            raise TokenRejected(
+                "the JWT's algorithm does not fit the key its kid names"
+            ) from None
         if not isinstance(claims["iat"], int | float) or (
             claims["iat"] > self.clock() + LEEWAY
         ):

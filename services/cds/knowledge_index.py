@@ -80,9 +80,13 @@ class RuleIndex(Generic[RuleT]):
 
 @dataclass(frozen=True)
 class KnowledgeIndex:
-    """Every index that screening uses, built once per knowledge base."""
+    """Every index that screening uses, built once per knowledge base.
 
-    # By the drugs of either side, object or precipitant.
+    A rule index is keyed by drug id unless its name says otherwise. An
+    interaction is indexed under the drugs of both sides, and a duplicate
+    therapy rule under the members of its class.
+    """
+
     interactions: RuleIndex[InteractionRule]
     condition_rules_by_drug: RuleIndex[ConditionRule]
     condition_rules_by_condition: RuleIndex[ConditionRule]
@@ -90,7 +94,6 @@ class KnowledgeIndex:
     pregnancy_rules: RuleIndex[PatientStateRule]
     lactation_rules: RuleIndex[PatientStateRule]
     renal_rules: RuleIndex[RenalRule]
-    # By the class's member drugs.
     duplicate_rules: RuleIndex[DuplicateClassRule]
     dose_limits: RuleIndex[DoseLimit]
     # Normalized ICD-10 prefix to the conditions that list it, and the

@@ -36,7 +36,8 @@ EXTRA_DNS_NAMES = {
 }
 VALIDITY = datetime.timedelta(days=365)
 # A second edge key, unused until the edge key must be replaced. Clients
-# that pin the edge key pin this one too, so a key rotation keeps working.
+# that pin the edge key should pin this one too, so that a key rotation
+# does not break them.
 BACKUP_EDGE_KEY = "edge-backup.key"
 
 
@@ -182,8 +183,10 @@ def ensure_certificates(output: Path) -> Path:
 def spki_pin(public_key) -> str:
     """Return the SHA-256 pin of a public key, as `sha256/<base64>`.
 
-    The digest covers the DER SubjectPublicKeyInfo, as RFC 7469 pins do,
-    so it stays the same across certificates for the same key.
+    The digest covers the DER SubjectPublicKeyInfo, so it stays the same
+    across certificates for the same key. It equals `openssl x509 -pubkey
+    -noout | openssl pkey -pubin -outform der | openssl dgst -sha256
+    -binary | base64`.
     """
     info = public_key.public_bytes(
         serialization.Encoding.DER,
@@ -220,8 +223,8 @@ def renew_edge_certificate(output: Path) -> None:
 def rotate_edge_key(output: Path) -> None:
     """Move the edge to its backup key and create a new backup key.
 
-    Clients that pinned both keys keep working; they add the new backup
-    key's pin before the next rotation.
+    Clients that pinned both keys keep working. They must add the new
+    backup key's pin before the next rotation.
     """
     ca_cert, ca_key = _load_ca(output)
     backup = _load_key(output / BACKUP_EDGE_KEY)

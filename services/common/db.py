@@ -40,6 +40,9 @@ def create_engine(url: str, pool_size: int = 10) -> AsyncEngine:
         pool_pre_ping=True,
         pool_timeout=5,
         connect_args={"connect_timeout": 5},
+        # An error's text would otherwise carry the statement's values
+        # (key hashes, names) into the logs.
+        hide_parameters=True,
     )
 
 

@@ -130,7 +130,7 @@ def observe_model_call(outcome: str, seconds: float) -> None:
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    """Where a process serves its metrics; `port` None serves none."""
+    """Address of the metrics server, or no server when `port` is None."""
 
     host: str
     port: int | None

@@ -46,6 +46,14 @@ def migrate(admin_url: str) -> list[str]:
         cursor.execute("SELECT pg_advisory_lock(%s)", (_LOCK_ID,))
         try:
             _ensure_role(cursor, OWNER_ROLE, login=False)
+            # Migrations run as the owner (SET ROLE). A superuser may do
+            # that anyway; the admin of a managed database, which has none,
+            # needs the membership, which its CREATEROLE lets it grant.
+            cursor.execute(
+                sql.SQL("GRANT {} TO CURRENT_USER").format(
+                    sql.Identifier(OWNER_ROLE)
+                )
+            )
             # The owner creates each service's schema in this database.
             cursor.execute(
                 sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(

@@ -2,11 +2,11 @@
 
 Usage: python -m services.common.openapi DESCRIPTOR_SET OUTPUT_FILE
 
-Every RPC with a `google.api.http` annotation becomes an operation: path
-variables become path parameters, the other fields of a body-less request
-become query parameters, and a `body: "*"` request takes the message (less
-its path fields) as a JSON body that rejects unknown properties, as the
-edge does. The `(arxio.common.v1.policy)` option chooses each operation's
+Every RPC with a `google.api.http` annotation becomes an operation. Path
+variables become path parameters, and the other fields of a body-less
+request become query parameters. A `body: "*"` request takes the message,
+less its path fields, as a JSON body that rejects unknown properties, as
+the edge does. The `(arxio.common.v1.policy)` option sets each operation's
 security scheme. Descriptions are the protos' leading comments.
 """
 

@@ -32,9 +32,9 @@ READINESS_INTERVAL = 2.0
 LIVENESS_NAME = "liveness"
 # After SIGTERM a server reports NOT_SERVING and keeps serving until no RPC
 # has arrived for DRAIN_QUIET_SECONDS, or for at most MAX_DRAIN_SECONDS.
-# Envoy's active health checks (every 2 s, unhealthy after 2 failures)
-# stop routing to it within about 5 s, so under load no request meets a
-# closed port. Envoy retries the requests that do, on another replica.
+# Envoy's active health checks run every 2 s, and in the SIGTERM fault test
+# Envoy stopped routing to a draining replica within 3 s. Envoy retries on
+# another replica the requests that still meet a closed port.
 DRAIN_QUIET_SECONDS = 1.0
 MAX_DRAIN_SECONDS = 10.0
 

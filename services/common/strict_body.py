@@ -5,8 +5,9 @@ Envoy's JSON transcoder drops fields it does not know and still answers
 The auth decision therefore receives the body and checks it here first:
 every JSON field must exist, hold the right type and fit its range, and
 every enum value must be known. Native gRPC bodies are parsed and must
-carry no field the message type lacks. Violations name the field by its
-JSON path, and never quote a value, which may be patient data.
+carry no field the message type lacks. In both, no string may contain the
+NUL character, which PostgreSQL text cannot hold. Violations name the
+field by its JSON path, and never quote a value, which may be patient data.
 """
 
 import json
@@ -199,6 +200,9 @@ class _Checker:
         elif kind == FieldDescriptor.TYPE_STRING:
             if not isinstance(value, str):
                 self.add(path, "must be a string")
+            elif "\x00" in value:
+                # PostgreSQL text cannot hold it, and no field needs it.
+                self.add(path, "must not contain the NUL character")
         elif kind == FieldDescriptor.TYPE_BYTES:
             if not isinstance(value, str):
                 self.add(path, "must be a base64 string")
@@ -336,6 +340,7 @@ def check_grpc_body(
                 )
             ]
         violations += _unknown_fields(message, "")
+        violations += _nul_strings(message, "")
 
     return violations
 
@@ -363,5 +368,34 @@ def _unknown_fields(message, path: str) -> list[FieldViolation]:
                 )
         else:
             violations += _unknown_fields(value, _join(path, field.json_name))
+
+    return violations
+
+
+def _nul_strings(message, path: str) -> list[FieldViolation]:
+    """Name the string fields of a parsed message that contain NUL.
+
+    JSON bodies get the same check in _Checker.single.
+    """
+    violations = []
+    for field, value in message.ListFields():
+        field_path = _join(path, field.json_name)
+        if field.type == FieldDescriptor.TYPE_STRING:
+            values = value if field.is_repeated else [value]
+            if any("\x00" in item for item in values):
+                violations.append(
+                    FieldViolation(
+                        field_path, "must not contain the NUL character"
+                    )
+                )
+        elif field.type != FieldDescriptor.TYPE_MESSAGE:
+            continue
+        elif field.message_type.GetOptions().map_entry:
+            continue
+        elif field.is_repeated:
+            for index, item in enumerate(value):
+                violations += _nul_strings(item, f"{field_path}[{index}]")
+        else:
+            violations += _nul_strings(value, field_path)
 
     return violations

@@ -1,10 +1,11 @@
 """Load limits and guard routes that the edge applies before any service.
 
 The overload manager and the global connection limit make a flood shed
-load instead of exhausting memory. Guard routes answer some requests in
-Envoy itself: a JSON body route given another content type (415) or a
-query string (400), any OPTIONS request (CORS preflights included) and
-the public API description. None of them calls the auth decision.
+load instead of exhausting memory. Guard routes reply to some requests in
+Envoy itself, without the auth decision: a REST path called over gRPC
+(404), a JSON body route given another content type (415) or a query
+string (400), any OPTIONS request (CORS preflights included) and the
+public API description.
 """
 
 import json
@@ -22,12 +23,16 @@ API_DESCRIPTION_PATH = "/v1/openapi.json"
 # configuration raises it (max_direct_response_body_size_bytes).
 MAX_DIRECT_RESPONSE_BYTES = 1024 * 1024
 
-# Content types a JSON body route accepts: application/json, with or
-# without parameters such as charset, in any letter case.
-JSON_CONTENT_TYPE = r"(?i)^\s*application/json\s*(;.*)?$"
-# Content types of native gRPC (not gRPC-Web): application/grpc, +proto
-# and the like.
-GRPC_CONTENT_TYPE = r"^application/grpc(\+[a-z]+)?(;.*)?$"
+# Content types a JSON body route accepts, with or without parameters such
+# as charset, in any letter case: application/json, and the form type that
+# `curl -d` sends by default. The body must be JSON either way,
+# and a cross-site HTML form cannot send the X-API-Key header.
+JSON_CONTENT_TYPE = (
+    r"(?i)^\s*application/(json|x-www-form-urlencoded)\s*(;.*)?$"
+)
+# Content types of gRPC and gRPC-Web: application/grpc, +proto and the
+# like.
+GRPC_CONTENT_TYPE = r"(?i)^\s*application/grpc(-web(-text)?)?(\+\w+)?(;.*)?$"
 
 # Fraction of the heap maximum at which each overload action starts.
 SHRINK_HEAP_AT = 0.90
@@ -60,7 +65,7 @@ def overload_manager(max_heap_bytes: int, max_connections: int) -> dict:
     Past `max_connections` open downstream connections, Envoy closes each
     new one at once. As the heap nears `max_heap_bytes`, Envoy first
     returns freed memory to the system and shortens idle timeouts, then
-    answers new requests with 503, then stops accepting connections.
+    rejects new requests with 503, then stops accepting connections.
     """
     heap = "envoy.resource_monitors.fixed_heap"
 
@@ -165,7 +170,7 @@ def _guards(method: methods.Method) -> list[dict]:
         },
     )
     guards = [
-        # NOTE: Envoy answers an application/grpc request in gRPC's own
+        # NOTE: Envoy replies to an application/grpc request in gRPC's own
         # form (HTTP 200, grpc-status, no body) whatever the route says,
         # so a gRPC client gets 404's grpc-status: UNIMPLEMENTED.
         _direct_reply(
@@ -204,8 +209,8 @@ def _guards(method: methods.Method) -> list[dict]:
             f"{method.action}.content_type_rejected",
             not_json,
             415,
-            f"{binding.method} {binding.template} accepts only "
-            "Content-Type: application/json",
+            f"{binding.method} {binding.template} takes a JSON body: "
+            "send Content-Type: application/json",
         ),
     ]
 
@@ -214,10 +219,10 @@ def guard_routes() -> list[dict]:
     """Return the guard routes of every REST binding.
 
     These come before the API routes. Without them the transcoder would
-    pass an application/grpc request to the service unchanged (which
-    answers 200 with an empty body once the JSON route strips grpc-status),
-    parse a text/plain or form body as JSON, and merge query parameters
-    into the message behind the strict body check.
+    pass an application/grpc request to the service unchanged, and the
+    client would get 200 with an empty body once the JSON route strips
+    grpc-status. It would also parse a text/plain body as JSON and merge
+    query parameters into the message behind the strict body check.
     """
     guards = []
     for method in methods.public_methods():
@@ -277,7 +282,7 @@ end
 def options_route(cluster: str) -> dict:
     """Return the route of every OPTIONS request, placed last.
 
-    The CORS filter answers preflights from allowed origins. Anything else
+    The CORS filter responds to preflights from allowed origins. Anything else
     gets 404 from a Lua script, without CORS headers, and neither reaches
     the auth decision nor `cluster`.
     """
@@ -317,7 +322,19 @@ def api_description_route(document: Path = API_DESCRIPTION_FILE) -> dict:
         "api_description",
         {
             "path": API_DESCRIPTION_PATH,
-            "headers": [{"name": ":method", "string_match": {"exact": "GET"}}],
+            "headers": [
+                {"name": ":method", "string_match": {"exact": "GET"}},
+                # A gRPC client would get the document as a grpc-message
+                # header, which is too large for any client to read.
+                {
+                    "name": "content-type",
+                    "string_match": {
+                        "safe_regex": {"regex": GRPC_CONTENT_TYPE}
+                    },
+                    "invert_match": True,
+                    "treat_missing_header_as_empty": True,
+                },
+            ],
         },
         200,
         text,

@@ -121,6 +121,9 @@ LOCAL_REPLY_CODES = {
 # text or bare reason phrase. The limits are those envoy/envoy.yaml.tmpl
 # sets.
 LOCAL_REPLY_MESSAGES = {
+    413: "request body too large: the limit is "
+    f"{MAX_REQUEST_BYTES // 1024} KiB, more on the Stripe webhook and CDS "
+    "Hooks routes",
     408: "request timeout: the request did not arrive in time; send its "
     "headers within 10 seconds and the whole request within 60",
     426: "HTTP/1.0 is not supported: use HTTP/1.1 or HTTP/2",
@@ -192,6 +195,8 @@ def _error_format(code: int, request_id: str = "%REQ(X-REQUEST-ID)%") -> dict:
 # Envoy rejects some requests before their headers are complete (431, 426,
 # malformed HTTP/1, the request headers timeout), so they have no request
 # id. Their replies get a fresh one, the same in the header and the body.
+# NOTE: the overload manager's 503 comes after the headers but before the
+# edge replaces a client's X-Request-ID, so it carries the client's id.
 _NO_REQUEST_ID = {
     "header_filter": {
         "header": {"name": "x-request-id", "present_match": False}
@@ -687,7 +692,7 @@ def render(settings: EdgeSettings) -> dict:
         "name": "api",
         "domains": ["*"],
         # Guards first: they match only requests the API routes must not
-        # take. OPTIONS comes last, after the CORS filter had its turn.
+        # take. The OPTIONS route comes last.
         "routes": [
             edge_guards.api_description_route(),
             *edge_guards.guard_routes(),

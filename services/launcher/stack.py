@@ -252,6 +252,11 @@ class Stack:
             "ARXIO_MODEL_NAME": self.settings.model,
             "ARXIO_HOST": "127.0.0.1",
             "ARXIO_PORT": str(port),
+            # The runtime serves each request on a new thread, and glibc
+            # gave each thread a malloc arena of its own that kept its
+            # freed memory: resident memory grew by 190 MiB over 12 short
+            # requests with the default, and stayed flat with 2 arenas.
+            "MALLOC_ARENA_MAX": "2",
         }
 
         return self._child(

@@ -44,12 +44,20 @@ def make_chain(count: int, first_seq: int = 1, prev=chain.GENESIS_HASH):
     return entries
 
 
-def checkpoint_at(entries, seq: int, key=KEY):
+def checkpoint_at(entries, seq: int, key=KEY, month_end=None):
     entry = next(entry for entry in entries if entry.seq == seq)
 
     return chain.sign_checkpoint(
-        key, CHAIN, seq, entry.hash, START + datetime.timedelta(hours=1)
+        key,
+        CHAIN,
+        seq,
+        entry.hash,
+        START + datetime.timedelta(hours=1),
+        month_end=month_end,
     )
+
+
+MONTH_END = datetime.date(2026, 11, 30)
 
 
 def verify(entries, checkpoints=(), **options):
@@ -102,7 +110,7 @@ class TestTampering:
             changed, hash=chain.entry_hash(changed.hashed_fields())
         )
 
-        result = verify(entries)
+        result = verify(entries, [checkpoint_at(entries, 2)])
 
         assert [("inserted", 6)] == [(p.kind, p.seq) for p in result.problems]
 
@@ -110,7 +118,7 @@ class TestTampering:
         entries = make_chain(10)
         del entries[6]
 
-        result = verify(entries)
+        result = verify(entries, [checkpoint_at(entries, 2)])
 
         [problem] = result.problems
         assert "deleted" == problem.kind
@@ -127,9 +135,11 @@ class TestTampering:
         assert 8 == problem.seq
         assert "seq 10" in problem.message
 
-    def test_deleted_newest_unseen_without_checkpoint(self):
-        """Without a checkpoint the shorter chain is consistent."""
-        assert verify(make_chain(10)[:7]).intact
+    def test_chain_without_checkpoint_not_intact(self):
+        """Without a signed checkpoint nothing proves the chain unchanged."""
+        result = verify(make_chain(10)[:7])
+
+        assert ["checkpoint"] == [problem.kind for problem in result.problems]
 
     def test_inserted_duplicate_seq(self):
         entries = make_chain(5)
@@ -137,7 +147,7 @@ class TestTampering:
             3, dataclasses.replace(entries[2], event_id=uuid.uuid4())
         )
 
-        result = verify(entries)
+        result = verify(entries, [checkpoint_at(entries, 1)])
 
         assert "inserted" in {problem.kind for problem in result.problems}
         assert 3 == result.problems[0].seq
@@ -158,32 +168,41 @@ class TestTampering:
 
         result = verify(entries, [forged])
 
-        [problem] = result.problems
-        assert "checkpoint" == problem.kind
-        assert "trusted key" in problem.message
+        assert {"checkpoint"} == {problem.kind for problem in result.problems}
+        assert "trusted key" in result.problems[0].message
 
 
 class TestRetention:
     def test_cut_chain_links_to_checkpoint(self):
         """After a retention cut the trail starts at a signed checkpoint."""
         entries = make_chain(10)
-        anchor = checkpoint_at(entries, 4)
+        anchor = checkpoint_at(entries, 4, month_end=MONTH_END)
 
         result = verify(entries[4:], [anchor], last_removed_seq=4)
 
         assert result.intact, result.problems
         assert 5 == result.first_seq
 
+    def test_cut_at_plain_checkpoint_is_deletion(self):
+        """A cut anchored to a checkpoint that closes no month is forged."""
+        entries = make_chain(10)
+        anchor = checkpoint_at(entries, 4)
+
+        result = verify(entries[4:], [anchor], last_removed_seq=4)
+
+        assert "deleted" == result.problems[0].kind
+        assert "month end" in result.problems[0].message
+
     def test_cut_without_checkpoint_reported(self):
         entries = make_chain(10)
 
         result = verify(entries[4:], [], last_removed_seq=4)
 
-        assert ["deleted"] == [problem.kind for problem in result.problems]
+        assert "deleted" == result.problems[0].kind
 
     def test_entries_missing_after_cut(self):
         entries = make_chain(10)
-        anchor = checkpoint_at(entries, 4)
+        anchor = checkpoint_at(entries, 4, month_end=MONTH_END)
 
         result = verify(entries[6:], [anchor], last_removed_seq=4)
 

@@ -1,10 +1,10 @@
 """Load, probes and figures shared by the fault tests.
 
-Every fault test starts its own suite on loopback ports, sends requests
-from client threads while it breaks one part, and writes its figures
+Every fault test starts its own suite on loopback ports and sends requests
+from client threads while it breaks one part. It writes its figures
 (requests sent, failed, recovery time, audit entries lost) to
-.run/faults/NAME.json, which `bench/faults_report.py` turns into the
-"Faults" section of docs/benchmarks.md.
+.run/faults/NAME.json, and `bench/faults_report.py` turns those files
+into the "Faults" section of docs/benchmarks.md.
 """
 
 import datetime
@@ -220,7 +220,7 @@ def grpc_review_sender(
 
 
 def has_interaction(review: dict) -> str | None:
-    """Return a problem unless the review holds the interaction finding."""
+    """Return a problem unless the review contains the interaction."""
     categories = {finding["category"] for finding in review["findings"]}
     if "DRUG_INTERACTION" not in categories:
         return f"no DRUG_INTERACTION finding, only {sorted(categories)}"
@@ -229,10 +229,11 @@ def has_interaction(review: dict) -> str | None:
 
 
 class HealthProbe:
-    """Poll one service's health in a thread; keep every change.
+    """Poll one service's health in a thread and record every change.
 
-    `changes` holds (time.monotonic(), status) pairs, where the status is
-    a HealthCheckResponse value or None when the service did not answer.
+    `changes` contains (time.monotonic(), status) pairs, where the status
+    is a HealthCheckResponse value, or None when the service did not
+    respond.
     """
 
     def __init__(
@@ -297,8 +298,8 @@ def scrape(port: int) -> dict[tuple[str, frozenset], float]:
 
 
 def scrape_when_up(port: int, timeout: float = 30.0) -> dict:
-    """Scrape once the endpoint answers: the audit ingester's starts
-    without the suite waiting for it."""
+    """Scrape once the endpoint responds, because the suite does not wait
+    for the audit ingester to start."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -424,8 +425,8 @@ class _ChatHandler(http.server.BaseHTTPRequestHandler):
 
 
 class SlowModelServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    """An Ollama-compatible stand-in on 127.0.0.1 that answers every chat
-    with the same valid review after `delay` seconds.
+    """An Ollama-compatible stand-in on 127.0.0.1 that replies to every
+    chat with the same valid review after `delay` seconds.
 
     The SIGTERM test uses it to keep model reviews in flight while a
     replica stops. Tests of the model itself use the real runtime.

@@ -241,7 +241,7 @@ class TestRejection:
         assert partition_name(old) == rejected["partition"]
         assert org_id == rejected["chainId"]
         assert ENTRIES_PER_MONTH == rejected["seq"]
-        assert "no checkpoint" in rejected["reason"]
+        assert "no month-end checkpoint" in rejected["reason"]
         assert [] == report["dropped"]
         assert partition_name(old) in partitions(database.url)
         assert [] == cuts(database.url, org_id)

@@ -1,4 +1,4 @@
-"""CORS: only configured origins, preflights answered by Envoy alone.
+"""CORS: only configured origins, and Envoy alone handles preflights.
 
 The suite's own edge has no origins configured, so these tests start a
 second Envoy with ARXIO_CORS_ORIGINS' equivalent, in front of the same
@@ -56,7 +56,7 @@ def preflight(client: EdgeClient, origin: str):
 
 
 class TestPreflight:
-    def test_allowed_origin_answered_by_envoy(self, client, cors_edge):
+    def test_allowed_origin_handled_by_envoy(self, client, cors_edge):
         before = auth_checks(cors_edge)
 
         response = preflight(client, ALLOWED)

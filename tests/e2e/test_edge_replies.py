@@ -1,6 +1,6 @@
 """The edge's own replies: every one safe, JSON and traceable.
 
-Envoy answers some requests itself (431, 426, 415, 404, the API
+Envoy replies to some requests itself (431, 426, 415, 404, the API
 description) before any service sees them. Each reply must carry the
 security headers, an X-Request-ID and, for errors, the google.rpc.Status
 JSON shape with that request id in its details.
@@ -12,6 +12,7 @@ import ssl
 
 import grpc
 import pytest
+from arxio.cds.v1 import cds_pb2, cds_pb2_grpc
 
 from services.launcher.edge_guards import API_DESCRIPTION_FILE
 from tests.fuzz.checks import error_shape_problems, response_problems
@@ -116,10 +117,8 @@ class TestContentTypes:
         [
             "text/plain",
             "application/xml",
-            "application/x-www-form-urlencoded",
             "multipart/form-data; boundary=x",
             "application/json-patch+json",
-            "application/grpc-web",
         ],
     )
     def test_non_json_body_gets_415(self, edge, key, content_type):
@@ -154,6 +153,18 @@ class TestContentTypes:
 
         assert 200 == response.status, response.body
 
+    def test_grpc_web_on_rest_path_gets_404(self, edge, key):
+        response = edge.request(
+            "GET",
+            "/v1/billing/usage",
+            headers=key | {"content-type": "application/grpc-web+proto"},
+        )
+
+        error = assert_safe_error(
+            response.status, response.headers, response.body, 404
+        )
+        assert "REST path" in error["message"]
+
     def test_grpc_on_rest_path_is_unimplemented(self, edge, key):
         """A gRPC call to a REST path fails instead of returning nothing."""
         with edge.channel() as channel:
@@ -167,6 +178,20 @@ class TestContentTypes:
 
         assert grpc.StatusCode.UNIMPLEMENTED == raised.value.code()
         assert "ClinicalReview" in raised.value.details()
+
+    def test_grpc_message_over_64_kib_rejected(self, edge, key):
+        """Native gRPC gets the same 64 KiB limit as REST."""
+        request = cds_pb2.ClinicalReviewRequest(question="x" * 70_000)
+        with edge.channel() as channel:
+            stub = cds_pb2_grpc.ClinicalDecisionSupportServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.ClinicalReview(
+                    request, metadata=list(key.items()), timeout=30
+                )
+
+        # Envoy maps a local 413 to gRPC's UNKNOWN.
+        assert grpc.StatusCode.UNKNOWN == raised.value.code()
+        assert "too large" in raised.value.details()
 
     def test_query_on_body_route_rejected(self, edge, key):
         """A query parameter cannot slip a field past the body check."""
@@ -223,19 +248,57 @@ class TestPaths:
         assert 200 == response.status
         assert "access-control-allow-origin" not in response.headers
 
-    def test_non_utf8_path_gets_400(self, edge, key):
-        """Percent-encoded bytes that are not UTF-8 are a client error."""
-        response = edge.request("GET", "/v1/audit/ab%C0", headers=key)
+    @pytest.mark.parametrize(
+        ("method", "path"),
+        [
+            ("GET", "/v1/audit/ab%C0"),
+            ("GET", "/v1/audit?action=%FF"),
+            ("DELETE", "/v1/keys/%00"),
+            ("GET", "/v1/audit?pageToken=a%00b"),
+        ],
+    )
+    def test_unusable_url_bytes_get_400(self, edge, key, method, path):
+        """Bytes that are not UTF-8, or NUL, are a client error."""
+        response = edge.request(method, path, headers=key)
 
-        assert_safe_error(
+        error = assert_safe_error(
             response.status, response.headers, response.body, 400
         )
+        assert "invalid URL" in error["message"]
 
-    def test_dot_segments_normalized(self, edge, key):
-        """/v1/cds/../billing/usage is /v1/billing/usage."""
+    def test_grpc_nul_string_rejected(self, edge, key):
+        """A native gRPC string with NUL is named, as in JSON."""
+        request = cds_pb2.ClinicalReviewRequest(
+            question="a\x00b",
+            options=cds_pb2.ReviewOptions(model_review=False),
+        )
+        with edge.channel() as channel:
+            stub = cds_pb2_grpc.ClinicalDecisionSupportServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.ClinicalReview(
+                    request, metadata=list(key.items()), timeout=30
+                )
+
+        assert grpc.StatusCode.INVALID_ARGUMENT == raised.value.code()
+        assert "question" in raised.value.details()
+
+    def test_dot_segments_match_nothing(self, edge, key):
+        """Paths are matched as sent: a dot segment names no method."""
         response = edge.request("GET", "/v1/cds/../billing/usage", headers=key)
 
-        assert 200 == response.status
+        assert_safe_error(
+            response.status, response.headers, response.body, 404
+        )
+
+    def test_client_request_id_never_echoed(self, edge):
+        """Even a request Envoy rejects early gets the edge's own id."""
+        for path in ("/v1/%00", "/v1/audit/a%00b", "/v1//audit"):
+            response = edge.request(
+                "GET", path, headers={"x-request-id": "client-chosen"}
+            )
+
+            assert "client-chosen" != response.headers["x-request-id"]
+            assert b"client-chosen" not in response.body
 
 
 class TestApiDescription:

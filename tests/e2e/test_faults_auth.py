@@ -1,7 +1,7 @@
 """The auth service killed under load: every request 503, none passes.
 
 With auth gone (SIGKILL, as in a crash) the edge has no decision to act
-on, so it answers 503 (UNAVAILABLE over gRPC) to every request and
+on, so it returns 503 (UNAVAILABLE over gRPC) to every request and
 forwards none: the CDS, audit and billing services count no RPC in that
 time. Once auth is back, requests pass again, and every request of the
 run has its audit entry, the rejected ones included.

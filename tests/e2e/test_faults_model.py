@@ -1,7 +1,7 @@
 """The model server stalled, then killed: reviews keep their deadline.
 
 The suite runs the real model runtime. SIGSTOP stalls it (the kernel
-still accepts connections, but nothing answers), then SIGKILL ends it
+still accepts connections, but nothing replies), then SIGKILL ends it
 while stopped, and it starts again. Throughout, model reviews return
 within the model deadline with every deterministic finding and the model
 part UNAVAILABLE, while rules-only reviews and audit pages keep the
@@ -43,7 +43,7 @@ pytestmark = pytest.mark.e2e
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # Seconds the model part of a review may take. Long enough for the real
-# runtime to answer a short generation on a busy 2-core machine, where a
+# runtime to finish a short generation on a busy 2-core machine, where a
 # full review took 55 s (8 tokens took 6.5 s) while other builds ran.
 MODEL_TIMEOUT = 15.0
 # Seconds a review may take beyond the model deadline: the screening and
@@ -53,17 +53,17 @@ MARGIN = 2.0
 STEADY = 4.0
 STALLED = MODEL_TIMEOUT + 4.0
 KILLED = 6.0
-# Seconds the restarted runtime gets to answer a review again.
+# Seconds the restarted runtime gets to reply to a review again.
 RECOVERY_WAIT = 90.0
 # The runtime generates at most 16 tokens, which cuts every reply off
-# (model status INVALID): what recovery needs is an answer of the runtime,
-# not a complete review.
+# (model status INVALID). Recovery needs a reply from the runtime, not a
+# complete review.
 CDS_ENVIRONMENT = {
     "ARXIO_MODEL_CHECK_INTERVAL_SECONDS": "1",
     "ARXIO_MODEL_BREAKER_COOLDOWN_SECONDS": "3",
     "ARXIO_MODEL_OPTIONS": '{"num_predict": 16}',
 }
-# Model statuses of a review whose model call the runtime answered.
+# Model statuses of a review whose model call the runtime replied to.
 ANSWERED = {"OK", "INVALID"}
 # Rules-only reviews and audit pages during the fault may be this much
 # slower than before it, at the median and at the maximum.
@@ -88,7 +88,7 @@ def review_with_model(edge: EdgeClient, key: dict) -> dict:
 
 
 def recover(stack, edge: EdgeClient, key: dict) -> float | None:
-    """Start the runtime again; return seconds until it answers a review."""
+    """Start the runtime again; return seconds until it replies to a review."""
     started = time.monotonic()
     stack.child("model").start()
     deadline = started + RECOVERY_WAIT

@@ -7,12 +7,15 @@ lag, and Envoy's own stats. No series carries a key, an organization or
 request content.
 """
 
+import socket
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
+from services.common import metrics
+from services.common.config import ConfigError, Environment
 from tests.e2e.fault_load import (
     AUDIT_PAGE_PATH,
     REVIEW_PATH,
@@ -26,8 +29,6 @@ from tests.e2e.fault_load import (
 )
 from tests.edge import EdgeClient
 from tests.suite import Organization, own_stack
-
-pytestmark = pytest.mark.e2e
 
 CHILDREN = ("auth", "cds", "audit", "billing", "audit-ingest", "envoy")
 FREE_DAILY_LIMIT = 100
@@ -103,6 +104,7 @@ def moved(exercised, child: str, name: str, **labels: str) -> float:
     )
 
 
+@pytest.mark.e2e
 class TestServiceMetrics:
     def test_requests_succeeded(self, exercised):
         assert [200, 200, 200, 200] == exercised["statuses"]
@@ -174,6 +176,7 @@ class TestServiceMetrics:
         assert 1 == moved(exercised, "auth", "arxio_auth_quota_denials_total")
 
 
+@pytest.mark.e2e
 class TestAuditIngestMetrics:
     def test_entries_and_lag(self, exercised):
         entries = moved(
@@ -207,6 +210,7 @@ class TestAuditIngestMetrics:
         )
 
 
+@pytest.mark.e2e
 class TestEnvoyMetrics:
     def test_upstream_requests_counted(self, exercised):
         assert (
@@ -245,6 +249,7 @@ class TestEnvoyMetrics:
         assert stack.child("envoy").running()
 
 
+@pytest.mark.e2e
 class TestNoSensitiveLabels:
     @pytest.mark.parametrize("child", CHILDREN)
     def test_no_key_org_or_content(self, exercised, child):
@@ -252,3 +257,47 @@ class TestNoSensitiveLabels:
 
         for secret in exercised["secrets"]:
             assert secret not in text
+
+
+class TestMetricsServer:
+    """The metrics server on its own, without a suite."""
+
+    def test_no_port_no_server(self):
+        config = metrics.MetricsConfig.from_env(Environment({}))
+
+        assert config.port is None
+        assert metrics.start_metrics_server(config) is None
+
+    def test_host_defaults_to_service_host(self):
+        config = metrics.MetricsConfig.from_env(
+            Environment({"ARXIO_HOST": "::1", "ARXIO_METRICS_PORT": "9464"})
+        )
+
+        assert "::1" == config.host
+        assert 9464 == config.port
+
+    def test_serves_rpc_series(self):
+        metrics.observe_rpc("/test.v1.Probe/Ping", "unary", "OK", 0.003)
+        server = metrics.start_metrics_server(
+            metrics.MetricsConfig(host="127.0.0.1", port=0)
+        )
+        try:
+            text = metrics_text(server.server.server_port)
+        finally:
+            server.stop()
+
+        assert (
+            'grpc_server_handled_total{grpc_code="OK",grpc_method="Ping",'
+            'grpc_service="test.v1.Probe",grpc_type="unary"}'
+        ) in text
+        assert "grpc_server_handling_seconds_bucket" in text
+
+    def test_port_in_use_is_config_error(self):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            config = metrics.MetricsConfig(host="127.0.0.1", port=port)
+
+            with pytest.raises(ConfigError, match="ARXIO_METRICS_PORT"):
+                metrics.start_metrics_server(config)

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from services.cds.hooks.cards import (
     MODEL_REVIEW_RULE,
     NOT_SCREENED_RULE,
+    OVERRIDE_REASON_CODES,
+    OVERRIDE_REASON_SYSTEM,
     RULE_PREFIX_BYTES,
     rule_prefix,
 )
@@ -29,6 +31,12 @@ _UTC_TIMESTAMP = re.compile(
     r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]00:?00)"
 )
 _TOKEN = r"^[A-Za-z0-9._:\-]+$"
+# Cards and suggestions this service hands out are named by UUIDs; any
+# other value is client text, which may be patient data, and is rejected.
+_UUID = (
+    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
+    r"[0-9a-fA-F]{12}$"
+)
 
 
 class FeedbackCoding(BaseModel):
@@ -48,13 +56,13 @@ class OverrideReason(BaseModel):
 class AcceptedSuggestion(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
-    id: StrictStr = Field(min_length=1, max_length=100, pattern=_TOKEN)
+    id: StrictStr = Field(min_length=36, max_length=36, pattern=_UUID)
 
 
 class FeedbackItem(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
-    card: StrictStr = Field(min_length=1, max_length=100, pattern=_TOKEN)
+    card: StrictStr = Field(min_length=36, max_length=36, pattern=_UUID)
     outcome: Literal["accepted", "overridden"]
     acceptedSuggestions: list[AcceptedSuggestion] = Field(
         default_factory=list, max_length=20
@@ -153,6 +161,19 @@ def read_feedback(
                 ]
             )
         reason = item.overrideReason.reason if item.overrideReason else None
+        if reason is not None and (
+            reason.system != OVERRIDE_REASON_SYSTEM
+            or reason.code not in OVERRIDE_REASON_CODES
+        ):
+            raise InvalidFhir(
+                [
+                    FieldViolation(
+                        f"{path}.overrideReason.reason",
+                        "must be one of the override reasons the card "
+                        f"offered (system {OVERRIDE_REASON_SYSTEM})",
+                    )
+                ]
+            )
         rows.append(
             FeedbackRow(
                 card_uuid=item.card,

@@ -78,14 +78,18 @@ class TestReadFeedback:
                 "feedback": [
                     _item(
                         outcome="accepted",
-                        acceptedSuggestions=[{"id": "abc-123"}],
+                        acceptedSuggestions=[
+                            {"id": "0b6c5e1a-2f43-4d1e-9a57-1c2d3e4f5a6b"}
+                        ],
                     )
                 ]
             },
             index,
         )
 
-        assert ("abc-123",) == rows[0].accepted_suggestions
+        assert ("0b6c5e1a-2f43-4d1e-9a57-1c2d3e4f5a6b",) == rows[
+            0
+        ].accepted_suggestions
 
     @pytest.mark.parametrize(
         "item",
@@ -114,3 +118,38 @@ class TestReadFeedback:
         )
 
         assert "" == rows[0].rule_id
+
+
+class TestClientTextRejected:
+    """Only values this service handed out are stored: never client text."""
+
+    @pytest.mark.parametrize(
+        ("change", "field"),
+        [
+            ({"card": "zzphimarkercard"}, "card"),
+            (
+                {
+                    "outcome": "accepted",
+                    "acceptedSuggestions": [{"id": "zzphimarkersugg"}],
+                },
+                "acceptedSuggestions",
+            ),
+            (
+                {
+                    "outcome": "overridden",
+                    "overrideReason": {
+                        "reason": {
+                            "system": "urn:zzphimarker",
+                            "code": "zzphimarkercode",
+                        }
+                    },
+                },
+                "overrideReason",
+            ),
+        ],
+    )
+    def test_unknown_values_rejected(self, index, change, field):
+        with pytest.raises(InvalidFhir) as raised:
+            read_feedback({"feedback": [_item(**change)]}, index)
+
+        assert field in str(raised.value)

@@ -147,7 +147,7 @@ class TestRecordHookFeedback:
                     {
                         "feedback": [
                             {
-                                "card": "abc",
+                                "card": "0b6c5e1a-2f43-4d1e-9a57-1c2d3e4f5a6b",
                                 "outcome": "overridden",
                                 "outcomeTimestamp": "2026-11-02T09:15:00Z",
                             }
