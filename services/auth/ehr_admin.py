@@ -1,6 +1,7 @@
 """The operator API of EHR issuers and CDS Hooks settings."""
 
 import ipaddress
+import re
 import urllib.parse
 import uuid
 
@@ -58,11 +59,21 @@ def jwks_url_violations(url: str) -> list[FieldViolation]:
                 "jwksUrl", "must not carry credentials or a fragment"
             )
         ]
+    host = parts.hostname
     try:
-        address = ipaddress.ip_address(parts.hostname)
+        address = ipaddress.ip_address(host)
     except ValueError:
+        # Forms such as 2852039166 or 0251.0376.0251.0376 are addresses to
+        # the resolver though not to ipaddress: accept only names here.
+        if _NUMERIC_HOST.fullmatch(host):
+            return [
+                FieldViolation(
+                    "jwksUrl",
+                    "write an address host as a plain dotted quad or IPv6",
+                )
+            ]
         return []
-    if address.is_link_local or address.is_multicast or address.is_unspecified:
+    if unusable_address(address):
         return [
             FieldViolation(
                 "jwksUrl", f"host {address} is not a usable server address"
@@ -70,6 +81,26 @@ def jwks_url_violations(url: str) -> list[FieldViolation]:
         ]
 
     return []
+
+
+# Hosts of numbers only, decimal, octal or 0x-hex, joined by dots.
+_NUMERIC_HOST = re.compile(
+    r"(0x[0-9a-f]+|[0-9]+)(\.(0x[0-9a-f]+|[0-9]+))*\.?", re.IGNORECASE
+)
+
+
+def unusable_address(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> bool:
+    """Tell whether a JWK Set may not be fetched from an address: link-local
+    (cloud metadata services among them), multicast or unspecified, also
+    when written as an IPv4-mapped IPv6 address."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+
+    return (
+        address.is_link_local or address.is_multicast or address.is_unspecified
+    )
 
 
 def _valid_uuid(value: str) -> bool:

@@ -11,7 +11,9 @@ size, and is cached.
 
 import asyncio
 import datetime
+import ipaddress
 import json
+import socket
 import ssl
 import time
 import urllib.parse
@@ -21,6 +23,7 @@ import httpx
 import jwt
 import structlog
 
+from services.auth.ehr_admin import unusable_address
 from services.auth.ehr_store import EhrStore, TrustedIssuer
 
 log = structlog.get_logger()
@@ -42,6 +45,24 @@ JWKS_MAX_REDIRECTS = 2
 # shortest interval between fetches when a token names an unknown `kid`.
 JWKS_TTL = 300
 JWKS_MIN_REFETCH = 30
+
+
+async def _require_usable_host(host: str) -> None:
+    """Refuse a host that resolves to a link-local (metadata), multicast or
+    unspecified address, however the registered URL wrote it."""
+    loop = asyncio.get_running_loop()
+    try:
+        found = await loop.getaddrinfo(host, 443, type=socket.SOCK_STREAM)
+    except OSError as error:
+        raise JwksUnavailable(
+            f"JWK Set host {host!r} does not resolve"
+        ) from error
+    for *_, address in found:
+        if unusable_address(ipaddress.ip_address(address[0].split("%")[0])):
+            raise JwksUnavailable(
+                f"JWK Set host {host!r} resolves to {address[0]}, which is "
+                "not a usable server address"
+            )
 
 
 class TokenRejected(Exception):
@@ -116,6 +137,7 @@ class JwksCache:
     async def _fetch(self, url: str) -> object:
         """GET a JWK Set, following redirects only within its https host."""
         origin = urllib.parse.urlsplit(url)
+        await _require_usable_host(origin.hostname or "")
         async with httpx.AsyncClient(
             verify=self.ssl_context,
             follow_redirects=False,

@@ -9,6 +9,7 @@ replayed later either.
 
 import datetime
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -141,10 +142,11 @@ def parse_event(payload: bytes) -> StripeEvent:
     created = document.get("created")
     data = document.get("data")
     if (
-        not isinstance(event_id, str)
-        or not event_id
-        or not isinstance(event_type, str)
+        not _is_token(event_id)
+        or not _is_token(event_type)
         or not isinstance(created, int)
+        or isinstance(created, bool)
+        or not 0 <= created <= _LATEST_TIMESTAMP
         or not isinstance(data, dict)
         or not isinstance(data.get("object"), dict)
     ):
@@ -161,12 +163,25 @@ def parse_event(payload: bytes) -> StripeEvent:
     )
 
 
+# The last second of year 9999: later `created` values are not times.
+_LATEST_TIMESTAMP = 253_402_300_799
+# Stripe ids and types: printable ASCII, which a database column can hold.
+_TOKEN = re.compile(r"[\x21-\x7e]{1,255}")
+
+
+def _is_token(value: Any) -> bool:
+    return isinstance(value, str) and _TOKEN.fullmatch(value) is not None
+
+
 def _text(value: Any) -> str:
-    """Return a Stripe id field, which is a string or an expanded object."""
+    """Return a Stripe id field, which is a string or an expanded object.
+
+    Anything but a printable id, a NUL character for one, reads as absent.
+    """
     if isinstance(value, dict):
         value = value.get("id")
 
-    return value if isinstance(value, str) else ""
+    return value if _is_token(value) else ""
 
 
 def _org_id(*candidates: Any) -> str | None:

@@ -133,13 +133,24 @@ class ModelReviewer:
             if result is None:
                 # Cancelled, say because the client went away.
                 self.breaker.record_abandoned(permit)
-        self._record(permit, result[0])
+        self._record(permit, result[0], remaining)
 
         return result
 
-    def _record(self, permit: Permit, review: cds_pb2.ModelReview) -> None:
+    def _record(
+        self, permit: Permit, review: cds_pb2.ModelReview, allowed: float
+    ) -> None:
+        """Tell the breaker how the call went.
+
+        A timeout counts against the model only when the call had the whole
+        configured deadline: one client's short deadline, or a long wait for
+        a slot, says nothing of the model's health and must not open the
+        breaker for every organization.
+        """
         if review.status == Status.OK:
             self.breaker.record_success(permit)
+        elif "timed out" in review.reason and allowed < self._config.timeout:
+            self.breaker.record_abandoned(permit)
         else:
             self.breaker.record_failure(permit, review.reason)
 

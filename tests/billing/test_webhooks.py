@@ -280,3 +280,21 @@ class TestSupersedes:
         assert expected == webhooks.supersedes(
             new_status, new_time, old_status, old_time
         )
+
+
+class TestMalformedEvents:
+    @pytest.mark.parametrize(
+        "changes",
+        [
+            {"id": "evt_\u0000x"},
+            {"id": ""},
+            {"type": 7},
+            {"created": 10**20},
+            {"created": -1},
+            {"created": True},
+        ],
+    )
+    def test_rejected_as_invalid(self, changes):
+        """An event no real delivery carries is a 400, never a 5xx."""
+        with pytest.raises(InvalidWebhook):
+            webhooks.parse_event(event_body(**changes))

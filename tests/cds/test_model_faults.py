@@ -338,6 +338,20 @@ class TestModelFaults:
             "model server timed out after 1."
         )
 
+    def test_client_deadline_timeout_keeps_breaker_closed(
+        self, proxy, serve_reviews
+    ):
+        """One client's short deadline does not switch the model off."""
+        server = serve_reviews(timeout=30.0, breaker_failures=1)
+        proxy.set_fault(CHAT_PATH, Fault.STALL)
+
+        response, _ = server.review(review_request(), timeout=1.5)
+
+        assert response.model_review.reason.startswith(
+            "model server timed out"
+        )
+        assert None is server.reviewer.breaker.rejection()
+
     def test_tiny_client_deadline_skips_model(self, kb, proxy, serve_reviews):
         """A deadline with no room for the model skips it at once."""
         server = serve_reviews()

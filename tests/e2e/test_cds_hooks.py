@@ -515,6 +515,34 @@ class TestJwtAuthentication:
         assert 1 == completed.returncode
         assert "jwksUrl" in completed.stderr
 
+    @pytest.mark.parametrize(
+        "url",
+        [
+            "https://169.254.169.254/jwks",
+            "https://[::ffff:169.254.169.254]/jwks",
+            "https://2852039166/jwks",
+            "https://0251.0376.0251.0376/jwks",
+        ],
+    )
+    def test_metadata_address_rejected(self, stack, new_org, url):
+        """A link-local host is refused in every spelling of it."""
+        org = new_org()
+
+        completed = cli_process(
+            stack,
+            "ehr",
+            "register",
+            "--org",
+            org.org_id,
+            "--issuer",
+            "https://ehr.example.org/metadata",
+            "--jwks-url",
+            url,
+        )
+
+        assert 1 == completed.returncode
+        assert "jwksUrl" in completed.stderr
+
     def test_issuer_belongs_to_one_org(self, stack, new_org, ehr, jwks_server):
         """Registering a taken issuer for another org is refused."""
         other = new_org()
