@@ -549,3 +549,21 @@ class TestRepeatedItems:
         assert 1 == len(
             [gap for gap in result.not_screened if gap.subject == "zzunknown"]
         )
+
+
+class TestCodeConflict:
+    def test_code_naming_another_drug_is_flagged(self):
+        """A name and a code that disagree are both screened, and said so."""
+        code = next(
+            drug.rxnorm
+            for drug in KB.drugs.values()
+            if drug.rxnorm and drug.name == "warfarin"
+        )
+        request = _request(age_years=40, sex=cds_pb2.Patient.Sex.MALE, egfr=90)
+        request.medications.add(name="ibuprofen", rxnorm=code)
+
+        result = screen(request, KB)
+
+        [gap] = [g for g in result.not_screened if g.subject == "ibuprofen"]
+        assert "warfarin" in gap.reason
+        assert "both were screened" in gap.reason

@@ -104,6 +104,7 @@ def resolve_medications(
         gaps += _medication_gaps(
             subject, code, bool(code_drugs), drugs, match.unrecognized, kb
         )
+        gaps += _code_conflict(subject, code, match.drugs, code_drugs, kb)
         if drugs:
             medications.append(
                 ScreenedMedication(
@@ -114,6 +115,31 @@ def resolve_medications(
             unrecognized.append(subject)
 
     return medications, unrecognized
+
+
+def _code_conflict(
+    subject: str,
+    code: str,
+    name_drugs,
+    code_drugs,
+    kb: KnowledgeBase,
+) -> list[cds_pb2.NotScreened]:
+    """Flag an RxNorm code that names other drugs than the name does.
+
+    Both are screened, so no finding is lost, but the order is ambiguous.
+    """
+    other = sorted(set(code_drugs) - set(name_drugs))
+    if not name_drugs or not other:
+        return []
+    names = ", ".join(kb.drugs[drug_id].name for drug_id in other)
+
+    return [
+        not_screened(
+            subject,
+            f"RxNorm code {code} names {names}, which the name does not: "
+            "both were screened; check which drug was meant",
+        )
+    ]
 
 
 def _medication_gaps(
