@@ -1,8 +1,10 @@
-"""The indexed screening engine against the plain copy it replaced.
+"""Properties every screening result keeps, on seeded random requests.
 
-Both engines screen every evaluation case and a seeded set of random
-requests built from the knowledge base's own names, codes and dose
-limits. Every field of the results must match, in the same order.
+The requests are built from the knowledge base's own names, brands, codes
+and dose limits, mixed with unknown words, units, routes and frequencies
+and repeated items. Whatever the request, the result is deterministic,
+cites a rule for every finding, repeats nothing, and lists every
+medication it could not recognize.
 """
 
 import random
@@ -15,12 +17,34 @@ from services.cds import dosing
 from services.cds.evaluate import DEFAULT_CASES, load_cases
 from services.cds.knowledge_base import KnowledgeBase, load_knowledge_base
 from services.cds.screening import ScreeningResult, screen
-from tests.cds import screening_reference
 
 KB = load_knowledge_base()
 Sex = cds_pb2.Patient.Sex
 AllergySeverity = cds_pb2.Allergy.Severity
 
+# Every rule a finding may cite.
+RULE_IDS = frozenset(
+    [
+        *(
+            rule.id
+            for rules in (
+                KB.interactions,
+                KB.allergy_classes,
+                KB.cross_reactivities,
+                KB.renal_rules,
+                KB.condition_rules,
+                KB.age_rules,
+                KB.pregnancy_rules,
+                KB.lactation_rules,
+                KB.duplicate_rules,
+                KB.dose_limits,
+            )
+            for rule in rules
+        ),
+        KB.same_drug_allergy.id,
+        KB.same_ingredient_rule_id,
+    ]
+)
 RANDOM_REQUESTS = 300
 SEED = 20261204
 UNITS = ["mg", "g", "mcg", "ng", "units", "IU", "mEq", "mmol", "puffs", ""]
@@ -68,14 +92,25 @@ def describe(result: ScreeningResult) -> dict[str, list[str]]:
     }
 
 
-def assert_same_result(request: cds_pb2.ClinicalReviewRequest) -> None:
-    expected = describe(screening_reference.screen(request, KB))
-    actual = describe(screen(request, KB))
+def assert_result_properties(request: cds_pb2.ClinicalReviewRequest) -> None:
+    result = screen(request, KB)
+    again = describe(screen(request, KB))
+    rule_ids = RULE_IDS
 
-    assert expected["findings"] == actual["findings"]
-    assert expected["not_screened"] == actual["not_screened"]
-    assert expected["recommendations"] == actual["recommendations"]
-    assert expected["risk"] == actual["risk"]
+    assert describe(result) == again
+    assert len(again["findings"]) == len(set(again["findings"]))
+    for finding in result.findings:
+        assert finding.rule_id in rule_ids, finding.rule_id
+        assert finding.source.citation, finding.rule_id
+        assert finding.severity, finding.rule_id
+    reported = {gap.subject for gap in result.not_screened}
+    for medication in request.medications:
+        subject = medication.name or medication.rxnorm
+        recognized = KB.resolve_name(medication.name).drugs or (
+            medication.rxnorm and KB.resolve_rxnorm(medication.rxnorm)
+        )
+        if not recognized:
+            assert subject in reported, subject
 
 
 class KnowledgeNames:
@@ -238,23 +273,21 @@ def random_batch() -> list[cds_pb2.ClinicalReviewRequest]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
-def test_evaluation_case_matches_reference(case):
-    """Each evaluation case screens exactly as the reference engine does."""
-    assert_same_result(case.request)
+def test_evaluation_case_properties(case):
+    assert_result_properties(case.request)
 
 
 @pytest.mark.parametrize(
     "request_number", range(RANDOM_REQUESTS), ids=lambda n: f"random-{n}"
 )
-def test_random_request_matches_reference(request_number, random_batch):
-    """Each seeded random request screens as the reference does."""
-    assert_same_result(random_batch[request_number])
+def test_random_request_properties(request_number, random_batch):
+    assert_result_properties(random_batch[request_number])
 
 
 def test_random_requests_raise_findings(random_batch):
     """The random requests raise every category and not-screened items.
 
-    Equal results prove little for requests that raise nothing.
+    Properties prove little of requests that raise nothing.
     """
     categories = set()
     gaps = 0
