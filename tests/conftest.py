@@ -12,7 +12,8 @@ def stack():
     with own_stack(
         rules_only=False,
         model_dir=RUN_ROOT / "models",
-        model_timeout=40.0,
+        # Generous: the first review also loads the model on a slow CPU.
+        model_timeout=90.0,
         checkpoint_seconds=1.0,
     ) as running:
         yield running

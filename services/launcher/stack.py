@@ -194,6 +194,7 @@ class Stack:
         self.access_log_path = self.run_dir / "audit" / "access.log"
         self.children: list[ChildProcess] = []
         self.ports: dict[str, int] = {}
+        self._ports_given: set[int] = set()
         # Every replica's port per service; ports[name] is the first one.
         self.replica_ports: dict[str, list[int]] = {}
         self.admin_database_url = ""
@@ -205,6 +206,18 @@ class Stack:
         # "audit-ingest", "envoy"); every one serves /metrics on 127.0.0.1.
         self.metrics_ports: dict[str, int] = {}
         self._postgres = None
+
+    def _new_port(self) -> int:
+        """Return a free port that no other child of this stack was given.
+
+        A port is free when picked but bound only when its child starts, so
+        two picks in a row could return the same one.
+        """
+        while True:
+            port = free_port()
+            if port not in self._ports_given:
+                self._ports_given.add(port)
+                return port
 
     @property
     def edge_port(self) -> int:
@@ -244,7 +257,7 @@ class Stack:
             self.ollama_host = self.settings.ollama_host
             return None
         model_dir = self.settings.model_dir or self.run_dir / "models"
-        port = free_port()
+        port = self._new_port()
         self.ports["model"] = port
         self.ollama_host = f"http://127.0.0.1:{port}"
         environment = base_environment() | {
@@ -320,7 +333,7 @@ class Stack:
 
     def _metrics_environment(self, child_name: str) -> dict[str, str]:
         """Pick a metrics port for one child; return its variables."""
-        port = free_port()
+        port = self._new_port()
         self.metrics_ports[child_name] = port
 
         return {
@@ -372,10 +385,10 @@ class Stack:
         self._start_database()
         for name in UPSTREAMS:
             count = settings.replicas.get(name, 1)
-            self.replica_ports[name] = [free_port() for _ in range(count)]
+            self.replica_ports[name] = [self._new_port() for _ in range(count)]
             self.ports[name] = self.replica_ports[name][0]
-        self.ports["edge"] = settings.edge_port or free_port()
-        self.ports["envoy_admin"] = free_port()
+        self.ports["edge"] = settings.edge_port or self._new_port()
+        self.ports["envoy_admin"] = self._new_port()
         services = {}
         for name in UPSTREAMS:
             for index, port in enumerate(self.replica_ports[name]):
@@ -412,7 +425,7 @@ class Stack:
             }
             | self._metrics_environment("audit-ingest"),
         )
-        self.metrics_ports["envoy"] = free_port()
+        self.metrics_ports["envoy"] = self._new_port()
         config_path = self.run_dir / "envoy.yaml"
         config_path.write_text(render_text(self.edge_settings()))
         envoy = self._child(
