@@ -12,9 +12,9 @@ ingester stored every entry, and no process's memory grew 10% or more
 between the end of the warm-up and the end of the run.
 
 Memory is the resident set size of each child of the suite, and the
-memory in private mappings of all PostgreSQL processes together. Their
-shared buffer pool is left out: it fills up to `shared_buffers` as the
-audit table grows, which is a bounded cache rather than a leak.
+memory in private mappings of each PostgreSQL process. Their shared
+buffer pool is left out: it fills up to `shared_buffers` as the audit
+table grows, which is a bounded cache rather than a leak.
 Figures go to .run/faults/soak.json; `make soak` then updates the
 "Faults" section of docs/benchmarks.md. Exits 1 when a check fails.
 """
@@ -119,11 +119,25 @@ def memory_sample(stack) -> dict[str, int]:
     }
     postmaster = stack.database_pid()
     if postmaster is not None:
-        sample["postgres (private memory of all processes)"] = sum(
-            private_kib(pid) for pid in process_tree(postmaster)
-        )
+        for pid in process_tree(postmaster):
+            sample[f"postgres {pid} ({postgres_role(pid)})"] = private_kib(pid)
 
     return sample
+
+
+def postgres_role(pid: int) -> str:
+    """Return a PostgreSQL process's kind or, for a backend, its user."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "ended"
+    words = command.replace(b"\0", b" ").decode(errors="replace").split()
+    if len(words) < 2 or words[0] != "postgres:":
+        return "postmaster"
+    if words[1].startswith("arxio_") or words[1] == "postgres":
+        return f"backend of {words[1]}"
+
+    return " ".join(words[1:3])
 
 
 def mean(values: list[int]) -> float:
@@ -131,11 +145,17 @@ def mean(values: list[int]) -> float:
 
 
 def growth(samples: list[dict[str, int]], warm_up_end: int) -> dict:
-    """Compare each process's memory after the warm-up and at the end."""
+    """Compare each process's memory after the warm-up and at the end.
+
+    Only processes that ran throughout are compared: a PostgreSQL backend
+    opened later for a bigger connection pool is a new process, not the
+    growth of one.
+    """
     start = samples[warm_up_end : warm_up_end + EDGE_SAMPLES]
     end = samples[-EDGE_SAMPLES:]
+    throughout = set.intersection(*(set(sample) for sample in start + end))
     result = {}
-    for name in samples[-1]:
+    for name in sorted(throughout):
         before = mean([sample[name] for sample in start])
         after = mean([sample[name] for sample in end])
         result[name] = {
@@ -145,6 +165,24 @@ def growth(samples: list[dict[str, int]], warm_up_end: int) -> dict:
         }
 
     return result
+
+
+def memory_notes(memory: dict) -> str:
+    """Name the largest memory growths, of the suite and of PostgreSQL."""
+    parts = []
+    for label, is_postgres in (("suite", False), ("PostgreSQL", True)):
+        names = [n for n in memory if n.startswith("postgres ") == is_postgres]
+        if not names:
+            continue
+        name = max(names, key=lambda n: memory[n]["growth"] or 0.0)
+        figures = memory[name]
+        parts.append(
+            f"largest {label} growth after warm-up {figures['growth']:.1%} "
+            f"({name}, {figures['after_warm_up_mib']} to "
+            f"{figures['end_mib']} MiB)"
+        )
+
+    return "; ".join(parts)
 
 
 def steady_load(senders, rate: float, stop: threading.Event, recorder):
@@ -256,10 +294,11 @@ def run(args: argparse.Namespace) -> dict:
         missing = missing_entries(stack, recorder.request_ids())
         errors = service_errors(stack)
         memory = growth(samples, warm_up_end)
+        processes = {
+            "after_warm_up": sorted(samples[warm_up_end]),
+            "end": sorted(samples[-1]),
+        }
 
-    largest = max(
-        (figures["growth"] or 0.0 for figures in memory.values()), default=0
-    )
     failures = {
         "requests failed": len(failed),
         "entries lost": len(missing),
@@ -287,13 +326,14 @@ def run(args: argparse.Namespace) -> dict:
         "entries_lost": len(missing),
         "notes": (
             f"{verdict}; achieved {len(outcomes) / elapsed:.1f} requests a "
-            f"second; largest memory growth after warm-up {largest:.1%}; "
-            f"INTERNAL or UNKNOWN responses {int(sum(errors.values()))}"
+            f"second; {memory_notes(memory)}; INTERNAL or UNKNOWN responses "
+            f"{int(sum(errors.values()))}"
         ),
         "passed": passed,
         "failures": failures,
         "failed_examples": [(o.kind, o.status, o.detail) for o in failed[:10]],
         "memory": memory,
+        "processes": processes,
         "latency": {
             kind: latency_ms([o for o in outcomes if o.kind == kind])
             for kind in ("review", "grpc review", "audit page", "model review")
