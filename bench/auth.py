@@ -38,11 +38,18 @@ from envoy.service.auth.v3 import (
     external_auth_pb2_grpc,
 )
 
-from services.common.markdown import replace_section
-from services.launcher.envoy_config import render_text
-from services.launcher.processes import free_port
-from services.launcher.stack import REPO_ROOT, Stack, StackSettings
-from tests.suite import Organization
+# Run as a script from any folder: the tests' helpers live in the checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from services.common.markdown import replace_section  # noqa: E402
+from services.launcher.envoy_config import render_text  # noqa: E402
+from services.launcher.processes import free_port  # noqa: E402
+from services.launcher.stack import (  # noqa: E402
+    REPO_ROOT,
+    Stack,
+    StackSettings,
+)
+from tests.suite import Organization  # noqa: E402
 
 SECTION_HEADING = "## Auth"
 BENCHMARKS_DOC = REPO_ROOT / "docs" / "benchmarks.md"
