@@ -3,7 +3,6 @@ description and the sections of docs/benchmarks.md."""
 
 import contextlib
 import datetime
-import math
 import os
 import platform
 import shutil
@@ -12,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
+from screening import cpu_model
 
 from services.common.markdown import replace_section
 from services.common.migrations import migrate
@@ -73,25 +73,6 @@ def server_cpu_seconds(database_url: str) -> float:
         total += child_times.user + child_times.system
 
     return total
-
-
-def percentile(sorted_values: list[float], fraction: float) -> float:
-    """Return the nearest-rank percentile of already sorted values."""
-    rank = max(1, math.ceil(fraction * len(sorted_values)))
-
-    return sorted_values[rank - 1]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-
-    return platform.processor() or platform.machine()
 
 
 def machine_rows(

@@ -37,10 +37,10 @@ import psycopg
 from audit_common import (
     machine_rows,
     machine_table,
-    percentile,
     run_folder,
     write_section,
 )
+from screening import percentile
 
 from services.audit import chain
 from services.audit.store import AuditStore, EventFilter

@@ -41,6 +41,7 @@ from envoy.service.auth.v3 import (
 # Run as a script from any folder: the tests' helpers live in the checkout.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.screening import cpu_model, percentile  # noqa: E402
 from services.common.markdown import replace_section  # noqa: E402
 from services.launcher.envoy_config import render_text  # noqa: E402
 from services.launcher.processes import free_port  # noqa: E402
@@ -62,13 +63,6 @@ BODY = json.dumps(
 ).encode()
 TARGET_CHECK_P99_MS = 2.0
 TARGET_EDGE_RATIO = 0.75
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, int(fraction * len(ordered)))
-
-    return ordered[index]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -148,8 +142,8 @@ async def time_checks(
     return {
         "checks": total,
         "achieved_rate": total / elapsed,
-        "p50_ms": percentile(latencies, 0.50),
-        "p99_ms": percentile(latencies, 0.99),
+        "p50_ms": percentile(sorted(latencies), 0.50),
+        "p99_ms": percentile(sorted(latencies), 0.99),
         "cpu_s_per_1000": cpu / total * 1000,
         "denied": failures,
         "errors": len(errors),
@@ -182,7 +176,9 @@ def _edge_load(port: int, ca_file: Path, api_key: str, seconds: float):
             response = connection.getresponse()
             response.read()
             if response.status != 200:
-                raise RuntimeError(f"edge answered {response.status}")
+                raise RuntimeError(
+                    f"edge returned {response.status}: expected 200"
+                )
             done += 1
         connection.close()
         with lock:
@@ -240,13 +236,10 @@ def time_edges(stack: Stack, api_key: str, seconds: float) -> dict:
 
 
 def machine() -> str:
-    model = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-
-    return f"{os.cpu_count()} CPUs, {model}, Python {sys.version.split()[0]}"
+    return (
+        f"{os.cpu_count()} CPUs, {cpu_model()}, Python "
+        f"{sys.version.split()[0]}"
+    )
 
 
 def report(checks: dict, edges: dict, rate: float) -> str:

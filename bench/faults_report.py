@@ -17,6 +17,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench.screening import cpu_model  # noqa: E402
 from services.common.markdown import replace_section  # noqa: E402
 
 SECTION_HEADING = "## Faults"
@@ -74,11 +75,7 @@ def _cell(text: str) -> str:
 
 
 def machine() -> str:
-    model = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
+    model = cpu_model()
     load = os.getloadavg()[0]
 
     return (

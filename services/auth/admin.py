@@ -100,7 +100,7 @@ def _name_violations(name: str, field: str) -> list[FieldViolation]:
     return []
 
 
-def _valid_uuid(value: str) -> bool:
+def valid_uuid(value: str) -> bool:
     try:
         uuid.UUID(value)
     except ValueError:
@@ -152,7 +152,7 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
 
     async def _caller(self, context) -> tuple[str, frozenset[str]]:
         org_id = caller_org_id(context)
-        if not _valid_uuid(org_id):
+        if not valid_uuid(org_id):
             await abort(
                 context,
                 grpc.StatusCode.UNAUTHENTICATED,
@@ -335,7 +335,7 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
         return response
 
     async def _organization(self, context, org_id: str) -> OrganizationRow:
-        if not _valid_uuid(org_id):
+        if not valid_uuid(org_id):
             await abort_invalid(
                 context, [FieldViolation("orgId", "must be a UUID")]
             )
@@ -419,7 +419,7 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
     async def CreateOrganizationKey(self, request, context):
         await self._require_operator(context)
         violations = _name_violations(request.name, "name")
-        if not _valid_uuid(request.org_id):
+        if not valid_uuid(request.org_id):
             violations.append(FieldViolation("orgId", "must be a UUID"))
         known = set(Scope.values()) - {Scope.SCOPE_UNSPECIFIED}
         scopes = sorted(
@@ -500,7 +500,7 @@ class AccountServicer(accounts_pb2_grpc.AccountServiceServicer):
 
     async def GetOrganization(self, request, context):
         row = None
-        if _valid_uuid(request.org_id):
+        if valid_uuid(request.org_id):
             row = await self._store.get_organization(request.org_id)
         if row is None:
             await abort(
@@ -512,7 +512,7 @@ class AccountServicer(accounts_pb2_grpc.AccountServiceServicer):
         return organization_message(row)
 
     async def ListDailyUsage(self, request, context):
-        if not _valid_uuid(request.org_id):
+        if not valid_uuid(request.org_id):
             await abort_invalid(
                 context, [FieldViolation("orgId", "must be a UUID")]
             )
@@ -533,7 +533,7 @@ class AccountServicer(accounts_pb2_grpc.AccountServiceServicer):
         )
 
     async def SetOrganizationPlan(self, request, context):
-        if not _valid_uuid(request.org_id):
+        if not valid_uuid(request.org_id):
             await abort_invalid(
                 context, [FieldViolation("orgId", "must be a UUID")]
             )

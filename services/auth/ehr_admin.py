@@ -3,13 +3,13 @@
 import ipaddress
 import re
 import urllib.parse
-import uuid
 
 import grpc
 import structlog
 from arxio.auth.v1 import ehr_pb2, ehr_pb2_grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from services.auth.admin import valid_uuid
 from services.auth.ehr_store import EhrIssuerRow, EhrStore, IssuerTaken
 from services.auth.store import AuthStore
 from services.common.errors import FieldViolation, abort, abort_invalid
@@ -103,15 +103,6 @@ def unusable_address(
     )
 
 
-def _valid_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return False
-
-    return True
-
-
 class EhrAccessServicer(ehr_pb2_grpc.EhrAccessServiceServicer):
     def __init__(self, store: AuthStore, ehr_store: EhrStore) -> None:
         self._store = store
@@ -126,7 +117,7 @@ class EhrAccessServicer(ehr_pb2_grpc.EhrAccessServiceServicer):
                 grpc.StatusCode.PERMISSION_DENIED,
                 "operator credential required",
             )
-        if not _valid_uuid(org_id):
+        if not valid_uuid(org_id):
             await abort_invalid(
                 context, [FieldViolation("orgId", "must be a UUID")]
             )
@@ -183,7 +174,7 @@ class EhrAccessServicer(ehr_pb2_grpc.EhrAccessServiceServicer):
     async def DeleteEhrIssuer(self, request, context):
         org_id = await self._organization(context, request.org_id)
         row = None
-        if _valid_uuid(request.issuer_id):
+        if valid_uuid(request.issuer_id):
             row = await self._ehr_store.delete_issuer(
                 org_id, request.issuer_id
             )
