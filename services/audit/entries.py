@@ -1,7 +1,7 @@
 """Turn the edge's JSON access-log lines into audit rows.
 
 The edge writes one JSON object per request (see `ACCESS_LOG_FORMAT` in
-services/launcher/envoy_config.py). A row holds ids, the route and the
+services/launcher/envoy_config.py). A row contains ids, the route and the
 outcome: never a header value other than the ones listed there, never a
 query string and never a body, so no PHI and no key reaches it.
 """
@@ -106,7 +106,7 @@ def audit_row(line: Mapping) -> AuditRow:
         # derived from it, not sent by a service.
         grpc_status = None
     elif grpc_status is not None:
-        # gRPC answers HTTP 200 even on errors: grpc-status decides.
+        # gRPC returns HTTP 200 even on errors: grpc-status decides.
         status_code = HTTP_STATUS_OF_CODE.get(grpc_status, 500)
 
     return AuditRow(

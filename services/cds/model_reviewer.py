@@ -144,7 +144,7 @@ class ModelReviewer:
 
         A timeout counts against the model only when the call had the whole
         configured deadline: one client's short deadline, or a long wait for
-        a slot, says nothing of the model's health and must not open the
+        a slot, is no sign of the model's health and must not open the
         breaker for every organization.
         """
         if review.status == Status.OK:
@@ -155,7 +155,7 @@ class ModelReviewer:
             self.breaker.record_failure(permit, review.reason)
 
     def _skipped(self, reason: str, cause: str) -> ReviewResult:
-        # The reason holds counts and limits only, never request text.
+        # The reason contains counts and limits only, never request text.
         # `cause` is the reason's fixed name in the metrics.
         metrics.MODEL_REVIEWS_SKIPPED.labels(cause).inc()
         log.info(

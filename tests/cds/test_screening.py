@@ -553,7 +553,7 @@ class TestRepeatedItems:
 
 class TestCodeConflict:
     def test_code_naming_another_drug_is_flagged(self):
-        """A name and a code that disagree are both screened, and said so."""
+        """A name and a code that disagree are both screened and reported."""
         code = next(
             drug.rxnorm
             for drug in KB.drugs.values()

@@ -1,5 +1,5 @@
-"""PostgreSQL down: the edge fails closed, health says so, and the suite
-recovers without a restart once the database is back."""
+"""PostgreSQL down: the edge fails closed, health reports NOT_SERVING,
+and the suite recovers without a restart once the database is back."""
 
 import time
 
