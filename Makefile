@@ -85,6 +85,15 @@ audit-retention:
 	ARXIO_AUDIT_TRUSTED_KEYS="$${ARXIO_AUDIT_TRUSTED_KEYS:-$(RUN_DIR)/audit-signing.pub}" \
 		$(PY) -m services.audit.retention
 
+.PHONY: usage-report
+
+## usage-report: send every pending day of usage to Stripe's meter once, with the billing service's DATABASE_URL, ARXIO_AUTH_ADDRESS and STRIPE_* settings; certificates default to make run's
+usage-report:
+	ARXIO_TLS_CA="$${ARXIO_TLS_CA:-$(RUN_DIR)/certs/ca.crt}" \
+	ARXIO_TLS_CERT="$${ARXIO_TLS_CERT:-$(RUN_DIR)/certs/billing.crt}" \
+	ARXIO_TLS_KEY="$${ARXIO_TLS_KEY:-$(RUN_DIR)/certs/billing.key}" \
+		$(PY) -m services.billing.report_usage
+
 ## bench-audit: measure audit ingest (batched and row by row) and filtered GET /v1/audit among a million entries; update docs/benchmarks.md
 bench-audit:
 	$(PY) bench/audit_ingest.py
@@ -118,6 +127,12 @@ $(CHECKOV_VENV)/.installed: k8s/tools/checkov-requirements.txt
 	touch $@
 
 setup: k8s-tools
+
+.PHONY: bench
+
+## bench: start a suite on loopback ports, measure each scenario against a baseline in the same run (7 to 8 minutes on 2 cores; durations: `$(PY) bench/harness.py --help`) and update docs/benchmarks.md
+bench:
+	$(PY) bench/harness.py
 
 .PHONY: bench-hooks
 

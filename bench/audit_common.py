@@ -1,37 +1,17 @@
-"""Shared parts of the audit benchmarks: a private PostgreSQL, the machine
-description and the sections of docs/benchmarks.md."""
+"""Shared parts of the audit benchmarks: a private PostgreSQL and the
+machine description with the PostgreSQL server's settings."""
 
 import contextlib
 import datetime
 import os
 import platform
 import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
-from screening import cpu_model
 
-from services.common.markdown import replace_section
+from bench.common import cpu_model, process_tree_cpu_seconds, run_folder
 from services.common.migrations import migrate
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RUN_ROOT = REPO_ROOT / ".run"
-BENCHMARKS_DOC = REPO_ROOT / "docs" / "benchmarks.md"
-
-
-def run_folder(prefix: str) -> Path:
-    """Create a folder under .run that the embedded PostgreSQL can enter.
-
-    The server runs as its own system user when started as root, so the
-    folder and its parents must be traversable by others.
-    """
-    RUN_ROOT.mkdir(exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=RUN_ROOT))
-    folder.chmod(0o755)
-
-    return folder
 
 
 @contextlib.contextmanager
@@ -60,19 +40,10 @@ def server_cpu_seconds(database_url: str) -> float:
 
     with psycopg.connect(database_url) as connection:
         backend = connection.execute("SELECT pg_backend_pid()").fetchone()[0]
-    postmaster = psutil.Process(backend).parent()
-    times = postmaster.cpu_times()
-    total = (
-        times.user + times.system + times.children_user + times.children_system
-    )
-    for child in postmaster.children():
-        try:
-            child_times = child.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += child_times.user + child_times.system
+        # Read while the connection is open: its backend exits with it.
+        postmaster = psutil.Process(backend).ppid()
 
-    return total
+    return process_tree_cpu_seconds(postmaster)
 
 
 def machine_rows(
@@ -120,18 +91,3 @@ def machine_table(rows: list[tuple[str, str]]) -> list[str]:
         "| --- | --- |",
         *(f"| {name} | {value} |" for name, value in rows),
     ]
-
-
-def write_section(heading: str, section: str) -> None:
-    """Replace one section of docs/benchmarks.md, or add it at the end.
-
-    The file is read right before it is written, because other benchmarks
-    write their own sections of it.
-    """
-    document = "# Benchmarks\n"
-    if BENCHMARKS_DOC.exists():
-        document = BENCHMARKS_DOC.read_text(encoding="utf-8")
-    BENCHMARKS_DOC.parent.mkdir(parents=True, exist_ok=True)
-    BENCHMARKS_DOC.write_text(
-        replace_section(document, heading, section), encoding="utf-8"
-    )

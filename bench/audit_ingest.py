@@ -23,33 +23,36 @@ import cProfile
 import datetime
 import io
 import json
+import math
 import os
 import pstats
 import random
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
-from audit_common import (
+
+# Run as a script from any folder: the shared helpers live in the checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.audit_common import (  # noqa: E402
     machine_rows,
     machine_table,
     private_database,
-    run_folder,
     server_cpu_seconds,
-    write_section,
 )
-
-from services.audit.ingest import (
+from bench.common import run_folder, write_section  # noqa: E402
+from services.audit.ingest import (  # noqa: E402
     MAX_BATCH_LINES,
     AuditIngester,
     file_id,
     read_batch,
 )
-from services.common import db
-from services.common.migrations import service_role
+from services.common import db  # noqa: E402
+from services.common.migrations import service_role  # noqa: E402
 
 SECTION_HEADING = "## Audit ingest"
 TARGET_ENTRIES_PER_SECOND = 5000
@@ -118,6 +121,8 @@ class IngestRun:
     # CPU seconds of this process (the ingester) and of PostgreSQL.
     ingester_cpu: float
     database_cpu: float
+    # Milliseconds of each transaction: reading the batch, then storing it.
+    transaction_ms: list[float] = field(default_factory=list)
 
     @property
     def per_second(self) -> float:
@@ -131,9 +136,17 @@ class IngestRun:
 
 
 async def ingest_file(
-    database_url: str, path: Path, batch_lines: int, label: str
+    database_url: str,
+    path: Path,
+    batch_lines: int,
+    label: str,
+    max_seconds: float | None = None,
 ) -> IngestRun:
-    """Store every line of `path` in batches of `batch_lines` lines."""
+    """Store the lines of `path` in batches of `batch_lines` lines.
+
+    With `max_seconds`, no batch starts after that many seconds, so the
+    run may end before the file does.
+    """
     engine = db.create_engine(
         db.with_user(database_url, service_role("audit")), pool_size=2
     )
@@ -142,15 +155,18 @@ async def ingest_file(
     size = path.stat().st_size
     offset = entries = transactions = 0
     read_seconds = 0.0
+    transaction_ms = []
     try:
         database_cpu = server_cpu_seconds(database_url)
         ingester_cpu = time.process_time()
         started = time.perf_counter()
-        while offset < size:
+        stop = math.inf if max_seconds is None else started + max_seconds
+        while offset < size and time.perf_counter() < stop:
             read_started = time.perf_counter()
             batch = read_batch(path, offset, batch_lines)
             read_seconds += time.perf_counter() - read_started
             await ingester.store(batch, current_file)
+            transaction_ms.append((time.perf_counter() - read_started) * 1000)
             offset = batch.end
             entries += len(batch.rows)
             transactions += 1
@@ -168,6 +184,7 @@ async def ingest_file(
         read_seconds,
         ingester_cpu,
         database_cpu,
+        transaction_ms,
     )
 
 

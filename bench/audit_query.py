@@ -19,12 +19,10 @@ query" section of docs/benchmarks.md.
 import argparse
 import asyncio
 import datetime
-import http.client
 import json
 import os
 import random
 import shutil
-import ssl
 import subprocess
 import sys
 import time
@@ -34,20 +32,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
-from audit_common import (
-    machine_rows,
-    machine_table,
+
+# Run as a script from any folder: the shared helpers live in the checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.audit_common import machine_rows, machine_table  # noqa: E402
+from bench.common import (  # noqa: E402
+    KeptAliveClient,
+    percentile,
     run_folder,
     write_section,
 )
-from screening import percentile
-
-from services.audit import chain
-from services.audit.store import AuditStore, EventFilter
-from services.common import db, pagination
-from services.common.migrations import OWNER_ROLE
-from services.launcher.processes import free_port
-from services.launcher.stack import Stack, StackSettings
+from services.audit import chain  # noqa: E402
+from services.audit.store import AuditStore, EventFilter  # noqa: E402
+from services.common import db, pagination  # noqa: E402
+from services.common.migrations import OWNER_ROLE  # noqa: E402
+from services.launcher.processes import free_port  # noqa: E402
+from services.launcher.stack import Stack, StackSettings  # noqa: E402
 
 SECTION_HEADING = "## Audit query"
 TARGET_P99_MS = 50.0
@@ -191,7 +192,12 @@ def load_entries(
             )
             day += datetime.timedelta(days=1)
         previous = chain.GENESIS_HASH
-        copy_sql = f"COPY audit.events ({COPY_COLUMNS}) FROM STDIN"
+        # record_time, the partition key, is the running maximum of
+        # `time` along the chain, which is `time` itself here because the
+        # entries are generated in time order.
+        copy_sql = (
+            f"COPY audit.events ({COPY_COLUMNS}, record_time) FROM STDIN"
+        )
         with connection.cursor().copy(copy_sql) as copy:
             for index in range(count):
                 action, method, endpoint, status = chooser.choices(
@@ -217,6 +223,7 @@ def load_entries(
                 )
                 copy.write_row(
                     [getattr(entry, name) for name in _ENTRY_FIELDS]
+                    + [entry.time]
                 )
                 previous = entry.hash
         connection.execute("ANALYZE audit.events")
@@ -225,39 +232,6 @@ def load_entries(
 
 
 _ENTRY_FIELDS = [name.strip() for name in COPY_COLUMNS.split(",")]
-
-
-class KeptAliveClient:
-    """One HTTPS connection to the edge, reopened if the edge closes it."""
-
-    def __init__(self, port: int, ca_file: Path) -> None:
-        self._context = ssl.create_default_context(cafile=str(ca_file))
-        self._port = port
-        self._connection = self._connect()
-
-    def _connect(self) -> http.client.HTTPSConnection:
-        return http.client.HTTPSConnection(
-            "localhost", self._port, context=self._context, timeout=30
-        )
-
-    def get(self, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
-        try:
-            return self._get(path, headers)
-        except (http.client.HTTPException, ConnectionError):
-            # The edge closed an idle connection: one retry on a new one.
-            self._connection.close()
-            self._connection = self._connect()
-
-            return self._get(path, headers)
-
-    def _get(self, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
-        self._connection.request("GET", path, headers=headers)
-        response = self._connection.getresponse()
-
-        return response.status, response.read()
-
-    def close(self) -> None:
-        self._connection.close()
 
 
 def timed_get(
@@ -341,9 +315,9 @@ async def time_store(
         await engine.dispose()
 
 
-def explain(audit_url: str, org_id: str, query: Query) -> str:
-    """Return PostgreSQL's plan of a query's first page, run as the audit
-    service's role, with the times it measured."""
+def first_page_sql(org_id: str, query: Query) -> tuple[str, dict]:
+    """Return the SELECT of a query's first page and its parameters, as
+    `AuditStore.list_events` builds them, for psycopg."""
     where = ["org_id = %(org)s"]
     filters = query.filters
     if filters.start_time:
@@ -356,23 +330,34 @@ def explain(audit_url: str, org_id: str, query: Query) -> str:
         where.append("status_code = %(status)s")
     if filters.key_id:
         where.append("key_id = %(key)s")
+    sql = (
+        "SELECT * FROM audit.events WHERE "
+        + " AND ".join(where)
+        + " ORDER BY time DESC, event_id DESC LIMIT %(limit)s"
+    )
+    parameters = {
+        "org": org_id,
+        "start": filters.start_time,
+        "end": filters.end_time,
+        "action": filters.action,
+        "status": filters.status_code,
+        "key": filters.key_id,
+        "limit": PAGE_SIZE + 1,
+    }
+
+    return sql, parameters
+
+
+def explain(audit_url: str, org_id: str, query: Query) -> str:
+    """Return PostgreSQL's plan of a query's first page, run as the audit
+    service's role, with the times it measured."""
+    sql, parameters = first_page_sql(org_id, query)
     with psycopg.connect(audit_url) as connection:
         connection.execute(
             "SELECT set_config('arxio.org_id', %s, true)", (org_id,)
         )
         rows = connection.execute(
-            "EXPLAIN (ANALYZE, BUFFERS) SELECT * FROM audit.events WHERE "
-            + " AND ".join(where)
-            + " ORDER BY time DESC, event_id DESC LIMIT %(limit)s",
-            {
-                "org": org_id,
-                "start": filters.start_time,
-                "end": filters.end_time,
-                "action": filters.action,
-                "status": filters.status_code,
-                "key": filters.key_id,
-                "limit": PAGE_SIZE + 1,
-            },
+            "EXPLAIN (ANALYZE, BUFFERS) " + sql, parameters
         ).fetchall()
 
     return "\n".join(row[0] for row in rows)

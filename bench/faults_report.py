@@ -17,11 +17,13 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.screening import cpu_model  # noqa: E402
-from services.common.markdown import replace_section  # noqa: E402
+from bench.common import (  # noqa: E402
+    BENCHMARKS_DOC,
+    cpu_model,
+    write_section,
+)
 
 SECTION_HEADING = "## Faults"
-BENCHMARKS_DOC = REPO_ROOT / "docs" / "benchmarks.md"
 FIGURES_DIR = REPO_ROOT / ".run" / "faults"
 # Rows in the order of the fault list; unknown files follow by name.
 ORDER = (
@@ -123,8 +125,7 @@ def main() -> int:
     if args.print:
         print(text)
         return 0
-    document = BENCHMARKS_DOC.read_text() if BENCHMARKS_DOC.exists() else ""
-    BENCHMARKS_DOC.write_text(replace_section(document, SECTION_HEADING, text))
+    write_section(SECTION_HEADING, text)
     print(f"wrote the Faults section of {BENCHMARKS_DOC}")
 
     return 0

@@ -32,15 +32,13 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.screening import cpu_model, percentile  # noqa: E402
-from services.common.markdown import replace_section  # noqa: E402
+from bench.common import cpu_model, percentile, write_section  # noqa: E402
 from services.launcher.stack import Stack, StackSettings  # noqa: E402
 from tests.suite import Organization  # noqa: E402
 
 HOOKS = ("order-select", "order-sign", "patient-view")
 TARGET_P99_MS = 500.0
 SECTION_HEADING = "## CDS Hooks"
-BENCHMARKS_DOC = REPO_ROOT / "docs" / "benchmarks.md"
 EXAMPLES = REPO_ROOT / "examples" / "hooks"
 WARM_UP = 20
 
@@ -158,10 +156,7 @@ def main() -> int:
     text = section(results, args.requests, load)
     print(text)
     if not args.no_write:
-        document = BENCHMARKS_DOC.read_text()
-        BENCHMARKS_DOC.write_text(
-            replace_section(document, SECTION_HEADING, text)
-        )
+        write_section(SECTION_HEADING, text)
     print(json.dumps({h: percentile(t, 0.99) for h, t in results.items()}))
 
     return 0

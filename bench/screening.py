@@ -21,7 +21,6 @@ import cProfile
 import datetime
 import gc
 import itertools
-import math
 import os
 import platform
 import pstats
@@ -33,14 +32,24 @@ from pathlib import Path
 
 from arxio.cds.v1 import cds_pb2
 
-from services.cds.knowledge_base import KnowledgeBase, load_knowledge_base
-from services.cds.screening import screen
-from services.common.markdown import replace_section
+# Run as a script from any folder: the shared helpers live in the checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (  # noqa: E402
+    BENCHMARKS_DOC,
+    cpu_model,
+    percentile,
+    write_section,
+)
+from services.cds.knowledge_base import (  # noqa: E402
+    KnowledgeBase,
+    load_knowledge_base,
+)
+from services.cds.screening import screen  # noqa: E402
 
 REVIEW_SIZE = 50
 TARGET_P99_MS = 5.0
 SECTION_HEADING = "## Screening"
-BENCHMARKS_DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
 def _rule_counts(kb: KnowledgeBase) -> Counter:
@@ -156,26 +165,6 @@ def build_review(
         conditions=conditions,
         allergies=allergies,
     )
-
-
-def percentile(sorted_values: list[float], fraction: float) -> float:
-    """Return the nearest-rank percentile of already sorted values."""
-    rank = max(1, math.ceil(fraction * len(sorted_values)))
-
-    return sorted_values[rank - 1]
-
-
-def cpu_model() -> str:
-    """Return the CPU model name from /proc/cpuinfo, or the platform's."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-
-    return platform.processor() or platform.machine()
 
 
 def pin_to_cpu(cpu: int | None) -> int:
@@ -313,18 +302,6 @@ def render_section(
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the Screening section of the benchmarks page, or add it."""
-    document = "# Benchmarks\n"
-    if path.exists():
-        document = path.read_text(encoding="utf-8")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        replace_section(document, SECTION_HEADING, section),
-        encoding="utf-8",
-    )
-
-
 def profile(
     request: cds_pb2.ClinicalReviewRequest, kb: KnowledgeBase, runs: int
 ) -> None:
@@ -429,7 +406,7 @@ def main() -> int:
     for name, value in machine:
         print(f"{name}: {value}")
     if not args.no_write:
-        write_section(BENCHMARKS_DOC, render_section(measurements, machine))
+        write_section(SECTION_HEADING, render_section(measurements, machine))
         print(f"wrote the {SECTION_HEADING!r} section of {BENCHMARKS_DOC}")
     if args.profile:
         for name, request in reviews.items():

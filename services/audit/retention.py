@@ -21,7 +21,9 @@ chain with rows in it passes three checks:
 Each chain's cut goes into audit.retention_cuts in the transaction that
 drops the partition, so the remaining trail verifies from the checkpoint
 on. When a check fails, the job drops nothing more, logs the partition,
-the chain and the reason, and exits with code 3.
+the chain and the reason, and exits with code 3. After the drops it
+deletes the dropped entries' ids from audit.request_ids, which keeps each
+stored request id unique.
 """
 
 import argparse
@@ -44,6 +46,7 @@ from psycopg import sql
 
 from services.audit import chain
 from services.common.config import ConfigError, Environment
+from services.common.db import check_sslmode
 from services.common.logging import configure_logging
 from services.common.migrations import OWNER_ROLE
 
@@ -71,7 +74,8 @@ _CHECKPOINT_COLUMNS = (
 
 @dataclass(frozen=True)
 class Partition:
-    """A partition of audit.events and its time range, `upper` excluded."""
+    """A partition of audit.events and its record_time range, `upper`
+    excluded."""
 
     name: str
     lower: datetime.datetime
@@ -315,18 +319,18 @@ def _require_no_entry_elsewhere(
     span: ChainSpan,
     removed_before: datetime.datetime | None,
 ) -> None:
-    # NOTE: the ingester numbers entries as requests end, and partitions
-    # file them by start time. A request that spans a month's end and is
-    # stored after a next-month request of its organization fails this
-    # check, and its month stays until the ingester numbers by start time.
-    # The time condition prunes the partition being checked from the scan.
+    # The ingester files a chain's entries by a record_time that never goes
+    # backwards along the chain, so this finds an entry only where that
+    # order was broken, such as by a row moved between partitions. The
+    # record_time condition prunes the partition being checked from the
+    # scan.
     query = (
         "SELECT tableoid::regclass::text, seq, event_id FROM audit.events"
         " WHERE chain_id = %(chain)s AND seq <= %(last)s"
-        " AND (time < %(lower)s OR time >= %(upper)s)"
+        " AND (record_time < %(lower)s OR record_time >= %(upper)s)"
     )
     if removed_before is not None:
-        query += " AND time >= %(removed_before)s"
+        query += " AND record_time >= %(removed_before)s"
     row = connection.execute(
         query + " ORDER BY seq LIMIT 1",
         {
@@ -489,6 +493,23 @@ def drop_partition(
         ) from None
 
 
+def delete_dropped_request_ids(connection: psycopg.Connection) -> int:
+    """Delete the ids in audit.request_ids of the entries dropped already;
+    return how many.
+
+    Their record_time is before the oldest partition left. A run stopped
+    between a drop and this deletion leaves ids that the next run deletes.
+    """
+    partitions = month_partitions(connection)
+    if not partitions:
+        return 0
+
+    return connection.execute(
+        "DELETE FROM audit.request_ids WHERE record_time < %s",
+        (partitions[0].lower,),
+    ).rowcount
+
+
 def run_retention(
     connection: psycopg.Connection,
     months: int,
@@ -572,9 +593,11 @@ def run_retention(
             check_ms=round((checked - started) * 1000),
             drop_ms=round((time.perf_counter() - checked) * 1000),
         )
+    deleted_ids = 0 if dry_run else delete_dropped_request_ids(connection)
     log.info(
         "audit.retention_finished",
         dropped=0 if dry_run else len(report.dropped),
+        request_ids_deleted=deleted_ids,
         rejected_partition=report.rejected.partition
         if report.rejected
         else "",
@@ -642,6 +665,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging("audit-retention")
     try:
         config = RetentionConfig.from_env(Environment())
+        check_sslmode(config.database_url)
     except ConfigError as error:
         log.error("audit.retention_config_invalid", error=str(error))
         print(f"error: {error}", file=sys.stderr)

@@ -167,6 +167,47 @@ class AuditStore:
 
             return [_checkpoint(row) for row in rows]
 
+    async def nearest_checkpoints(
+        self, chain_id: uuid.UUID, seq: int
+    ) -> tuple[chain.Checkpoint | None, chain.Checkpoint | None]:
+        """Return the newest checkpoint below `seq` and the oldest one at
+        or above it; None where there is none."""
+        async with self._sessions() as session:
+            below = (
+                await session.execute(
+                    text(
+                        f"SELECT {_CHECKPOINT_COLUMNS} FROM audit.checkpoints"
+                        " WHERE chain_id = :chain AND seq < :seq"
+                        " ORDER BY seq DESC LIMIT 1"
+                    ),
+                    {"chain": chain_id, "seq": seq},
+                )
+            ).first()
+            above = (
+                await session.execute(
+                    text(
+                        f"SELECT {_CHECKPOINT_COLUMNS} FROM audit.checkpoints"
+                        " WHERE chain_id = :chain AND seq >= :seq"
+                        " ORDER BY seq LIMIT 1"
+                    ),
+                    {"chain": chain_id, "seq": seq},
+                )
+            ).first()
+
+        return (
+            None if below is None else _checkpoint(below),
+            None if above is None else _checkpoint(above),
+        )
+
+    async def partition_months(self) -> list[datetime.date]:
+        """Return the first day of each month that has a partition."""
+        async with self._sessions() as session:
+            rows = await session.execute(
+                text("SELECT audit.partition_months()")
+            )
+
+            return [row[0] for row in rows]
+
     async def last_removed_seq(self, chain_id: uuid.UUID) -> int:
         async with self._sessions() as session:
             value = (
@@ -198,8 +239,8 @@ class AuditStore:
     async def month_ends_to_sign(
         self, month_start: datetime.date
     ) -> list[tuple[uuid.UUID, int, bytes]]:
-        """Return each chain's last entry before `month_start` that no
-        checkpoint covers yet."""
+        """Return each chain's last entry filed before `month_start` that
+        has no month-end checkpoint yet."""
         async with self._sessions() as session:
             rows = await session.execute(
                 text(

@@ -1,6 +1,7 @@
 """Start the auth service: `python -m services.auth`."""
 
 import asyncio
+import gc
 from dataclasses import dataclass
 
 from arxio.auth.v1 import keys_pb2_grpc, operator_pb2_grpc
@@ -12,6 +13,7 @@ from services.auth.authorization import AuthorizationServicer
 from services.auth.credential_cache import CredentialCache
 from services.auth.decision import AuthDecider
 from services.auth.ehr_config import EhrConfig, ehr_access
+from services.auth.quota import QuotaCounter
 from services.auth.store import AuthStore
 from services.common import db
 from services.common.config import ConfigError, Environment, ServerConfig
@@ -55,14 +57,18 @@ class AuthConfig:
 
 async def main() -> None:
     config = AuthConfig.from_env(Environment())
-    engine = db.create_engine(config.database_url)
+    engine = db.create_pooled_engine(
+        config.database_url, db.PoolSettings.from_env(Environment(), 10)
+    )
     store = AuthStore(db.session_factory(engine))
     cache = CredentialCache(config.cache_seconds)
     ehr_tokens, ehr_registration = ehr_access(
         EhrConfig.from_env(Environment()), store, db.session_factory(engine)
     )
+    quota = QuotaCounter(config.database_url)
     decider = AuthDecider(
         store,
+        quota,
         config.operator_token_sha256,
         cache=cache,
         ehr_tokens=ehr_tokens,
@@ -73,6 +79,7 @@ async def main() -> None:
     async def stop() -> None:
         stopping.set()
         await listener
+        await quota.close()
         await engine.dispose()
 
     registrations = [
@@ -99,6 +106,10 @@ async def main() -> None:
         ),
         ehr_registration,
     ]
+    # Modules, descriptors and the engine live as long as the process:
+    # moved out of the collector's reach, they no longer make each full
+    # collection walk them while checks wait.
+    gc.freeze()
     await serve(
         "auth",
         config.server,

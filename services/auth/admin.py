@@ -19,7 +19,7 @@ from google.protobuf import timestamp_pb2
 
 from services.auth import keys
 from services.auth.store import AuthStore, KeyRow, OrganizationRow
-from services.common import pagination
+from services.common import pagination, time_fields
 from services.common.errors import FieldViolation, abort, abort_invalid
 from services.common.identity import (
     KEY_ID_HEADER,
@@ -69,13 +69,21 @@ def organization_message(
 
 
 def key_message(row: KeyRow) -> keys_pb2.ApiKey:
+    """Return a key's public record.
+
+    Its `expire_time` is when the key stops working: the earlier of the
+    expiry it was created with and the end of its grace period. EXPIRING
+    marks only a key rotated away; a key created with an expiry is ACTIVE
+    until then.
+    """
     now = datetime.datetime.now(datetime.UTC)
+    end_time = row.end_time
     state = keys_pb2.ApiKey.ACTIVE
     if row.revoke_time is not None:
         state = keys_pb2.ApiKey.REVOKED
-    elif row.expire_time is not None and row.expire_time <= now:
+    elif end_time is not None and end_time <= now:
         state = keys_pb2.ApiKey.EXPIRED
-    elif row.expire_time is not None:
+    elif row.grace_end_time is not None:
         state = keys_pb2.ApiKey.EXPIRING
     message = keys_pb2.ApiKey(
         key_id=row.key_id,
@@ -85,12 +93,16 @@ def key_message(row: KeyRow) -> keys_pb2.ApiKey:
         state=state,
         create_time=_timestamp(row.create_time),
     )
-    if row.expire_time is not None:
-        message.expire_time.CopyFrom(_timestamp(row.expire_time))
+    if end_time is not None:
+        message.expire_time.CopyFrom(_timestamp(end_time))
     if row.revoke_time is not None:
         message.revoke_time.CopyFrom(_timestamp(row.revoke_time))
 
     return message
+
+
+def _earliest(*times: datetime.datetime | None) -> datetime.datetime | None:
+    return min((time for time in times if time is not None), default=None)
 
 
 def _name_violations(name: str, field: str) -> list[FieldViolation]:
@@ -145,7 +157,11 @@ async def issue_key(
 
 
 class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
-    """Keys of the caller's own organization; the org comes from auth."""
+    """Keys of the caller's own organization; the org comes from auth.
+
+    A key may create, rotate or revoke only keys whose scopes it has
+    itself, and a key it creates or rotates in never outlives it.
+    """
 
     def __init__(self, store: AuthStore) -> None:
         self._store = store
@@ -161,6 +177,58 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
         scopes = frozenset(metadata_value(context, SCOPES_HEADER).split(","))
 
         return org_id, scopes
+
+    async def _caller_key(self, context, org_id: str) -> KeyRow:
+        """Return the row of the key the request authenticated with."""
+        row = await self._store.get_key(
+            org_id, metadata_value(context, KEY_ID_HEADER)
+        )
+        if row is None:
+            await abort(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "the calling key was not found: call through the edge with "
+                "an API key",
+            )
+
+        return row
+
+    async def _named_key(self, context, org_id: str, key_id: str) -> KeyRow:
+        """Return the key a request names by id, or end the RPC with 404.
+
+        An id that no key can have is not found either, and is not echoed:
+        it may be thousands of characters long.
+        """
+        if not keys.is_key_id(key_id):
+            await abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"key not found: key ids are {keys.KEY_ID_FORMAT}, as GET "
+                "/v1/keys lists them",
+            )
+        row = await self._store.get_key(org_id, key_id)
+        if row is None:
+            await abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"key {key_id} not found in this organization: list its "
+                "keys with GET /v1/keys",
+            )
+
+        return row
+
+    async def _require_scopes_of(
+        self, context, key: KeyRow, caller_scopes: frozenset[str], verb: str
+    ) -> None:
+        """Reject a change to a key that has scopes the caller lacks."""
+        beyond = sorted(set(key.scopes) - caller_scopes)
+        if beyond:
+            await abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"key {key.key_id} has scopes the calling key lacks "
+                f"({', '.join(beyond)}): {verb} it with a key that has them",
+            )
 
     async def CreateKey(self, request, context):
         org_id, caller_scopes = await self._caller(context)
@@ -187,21 +255,22 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
             )
         expire_time = None
         if request.HasField("expire_time"):
-            expire_time = request.expire_time.ToDatetime(datetime.UTC)
-            if expire_time <= datetime.datetime.now(datetime.UTC):
-                violations.append(
-                    FieldViolation("expireTime", "must be in the future")
-                )
+            try:
+                expire_time = time_fields.to_datetime(request.expire_time)
+            except ValueError as error:
+                violations.append(FieldViolation("expireTime", str(error)))
+            else:
+                if expire_time <= datetime.datetime.now(datetime.UTC):
+                    violations.append(
+                        FieldViolation("expireTime", "must be in the future")
+                    )
         if violations:
             await abort_invalid(context, violations)
         scopes = sorted(set(requested) or (caller_scopes & set(ALL_SCOPES)))
-        # A key cannot outlive the key that created it.
-        caller = await self._store.get_key(
-            org_id, metadata_value(context, KEY_ID_HEADER)
-        )
-        if caller is not None and caller.expire_time is not None:
-            if expire_time is None or expire_time > caller.expire_time:
-                expire_time = caller.expire_time
+        # A key cannot outlive the key that created it, grace period
+        # included.
+        caller = await self._caller_key(context, org_id)
+        expire_time = _earliest(expire_time, caller.end_time)
 
         return await issue_key(
             self._store, org_id, request.name, scopes, expire_time
@@ -225,61 +294,67 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
 
     async def RotateKey(self, request, context):
         org_id, caller_scopes = await self._caller(context)
-        old = await self._store.get_key(org_id, request.key_id)
-        if old is None or old.revoke_time is not None:
-            await abort(
-                context,
-                grpc.StatusCode.NOT_FOUND,
-                f"key {request.key_id[:64]!r} not found in this organization",
-            )
+        violations = []
+        grace = DEFAULT_GRACE
+        if request.HasField("grace_period"):
+            try:
+                grace = time_fields.to_timedelta(request.grace_period)
+            except ValueError as error:
+                violations.append(FieldViolation("gracePeriod", str(error)))
+            else:
+                if not datetime.timedelta(0) <= grace <= MAX_GRACE:
+                    violations.append(
+                        FieldViolation(
+                            "gracePeriod",
+                            "must be 0s to 604800s (7 days)",
+                        )
+                    )
+        if violations:
+            await abort_invalid(context, violations)
+        old = await self._named_key(context, org_id, request.key_id)
         # The new key has the old key's scopes: the caller may only hand
         # out scopes it has itself, as when it creates a key.
-        beyond = sorted(set(old.scopes) - caller_scopes)
-        if beyond:
+        await self._require_scopes_of(context, old, caller_scopes, "rotate")
+        now = datetime.datetime.now(datetime.UTC)
+        if old.revoke_time is not None:
             await abort(
                 context,
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"key {old.key_id} has scopes the calling key lacks "
-                f"({', '.join(beyond)}): rotate it with a key that has them",
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"key {old.key_id} is revoked: create a new key instead",
             )
-        now = datetime.datetime.now(datetime.UTC)
-        if old.expire_time is not None and old.expire_time <= now:
+        if old.end_time is not None and old.end_time <= now:
             await abort(
                 context,
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"key {old.key_id} has expired: create a new key instead",
             )
-        grace = DEFAULT_GRACE
-        if request.HasField("grace_period"):
-            grace = request.grace_period.ToTimedelta()
-            if not datetime.timedelta(0) <= grace <= MAX_GRACE:
-                await abort_invalid(
-                    context,
-                    [
-                        FieldViolation(
-                            "gracePeriod",
-                            "must be 0s to 604800s (7 days), got "
-                            f"{int(grace.total_seconds())}s",
-                        )
-                    ],
-                )
+        # The new key keeps the expiry the old key was created with, not
+        # the end of a grace period from an earlier rotation. Like a
+        # created key, it cannot outlive the calling key.
+        caller = await self._caller_key(context, org_id)
+        expire_time = _earliest(old.expire_time, caller.end_time)
         # The new key exists before the old one stops: no downtime.
         created = await issue_key(
-            self._store, org_id, old.name, list(old.scopes), old.expire_time
+            self._store, org_id, old.name, list(old.scopes), expire_time
         )
-        await self._store.expire_key(org_id, old.key_id, now + grace)
+        await self._store.end_grace_at(org_id, old.key_id, now + grace)
 
         return created
 
     async def RevokeKey(self, request, context):
-        org_id, _ = await self._caller(context)
-        row = await self._store.revoke_key(org_id, request.key_id)
+        org_id, caller_scopes = await self._caller(context)
+        key = await self._named_key(context, org_id, request.key_id)
+        # Consistent with rotation: a key with fewer scopes cannot take a
+        # broader key out of service.
+        await self._require_scopes_of(context, key, caller_scopes, "revoke")
+        row = await self._store.revoke_key(org_id, key.key_id)
         if row is None:
             await abort(
                 context,
                 grpc.StatusCode.NOT_FOUND,
-                f"key {request.key_id!r} not found in this organization",
+                f"key {key.key_id} not found in this organization",
             )
+        log.info("auth.key_revoked", org_id=org_id, key_id=row.key_id)
 
         return key_message(row)
 
@@ -350,20 +425,17 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
 
         return row
 
-    async def _update(self, context, org_id: str, **changes):
-        await self._organization(context, org_id)
-        row = await self._store.update_organization(org_id, **changes)
+    async def _updated(
+        self, context, org_id: str, row: OrganizationRow | None, field: str
+    ) -> organization_pb2.Organization:
+        """Return an organization that a store call just changed."""
         if row is None:
             await abort(
                 context,
                 grpc.StatusCode.NOT_FOUND,
                 f"organization {org_id} not found",
             )
-        log.info(
-            "auth.organization_updated",
-            org_id=org_id,
-            changed=sorted(changes),
-        )
+        log.info("auth.organization_updated", org_id=org_id, changed=[field])
 
         return organization_message(row)
 
@@ -376,13 +448,17 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
 
     async def SuspendOrganization(self, request, context):
         await self._require_operator(context)
+        org_id = (await self._organization(context, request.org_id)).org_id
+        row = await self._store.set_state(org_id, "suspended")
 
-        return await self._update(context, request.org_id, state="suspended")
+        return await self._updated(context, org_id, row, "state")
 
     async def ReactivateOrganization(self, request, context):
         await self._require_operator(context)
+        org_id = (await self._organization(context, request.org_id)).org_id
+        row = await self._store.set_state(org_id, "active")
 
-        return await self._update(context, request.org_id, state="active")
+        return await self._updated(context, org_id, row, "state")
 
     async def SetOrganizationPlan(self, request, context):
         await self._require_operator(context)
@@ -395,26 +471,40 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
                     )
                 ],
             )
+        org_id = (await self._organization(context, request.org_id)).org_id
+        plan = plan_name(request.plan)
+        row, changed = await self._store.set_plan(org_id, plan)
+        # The allowlist is not cleared here: a downgrade must not silently
+        # open the organization's keys to every address.
+        if row is not None and not changed:
+            await abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"organization {org_id} has an IP allowlist, which only the "
+                "enterprise plan allows: remove it first with `arxio orgs "
+                f"set-allowlist --org {org_id}` and no --cidr, then set the "
+                f"{plan} plan",
+            )
 
-        return await self._update(
-            context, request.org_id, plan=plan_name(request.plan)
-        )
+        return await self._updated(context, org_id, row, "plan")
 
     async def SetIpAllowlist(self, request, context):
         await self._require_operator(context)
         ranges, violations = parse_allowlist(list(request.cidrs))
         if violations:
             await abort_invalid(context, violations)
-        row = await self._organization(context, request.org_id)
-        if ranges and row.plan != "enterprise":
+        org_id = (await self._organization(context, request.org_id)).org_id
+        row, changed = await self._store.set_ip_allowlist(org_id, ranges)
+        if row is not None and not changed:
             await abort(
                 context,
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"organization {row.org_id} is on the {row.plan} plan: IP "
-                "allowlists need the enterprise plan",
+                f"organization {org_id} is on the {row.plan} plan: IP "
+                "allowlists need the enterprise plan; set it first with "
+                f"`arxio orgs set-plan --org {org_id} --plan enterprise`",
             )
 
-        return await self._update(context, row.org_id, ip_allowlist=ranges)
+        return await self._updated(context, org_id, row, "ip_allowlist")
 
     async def CreateOrganizationKey(self, request, context):
         await self._require_operator(context)
@@ -488,7 +578,7 @@ def _parse_day(value: str, field: str) -> datetime.date:
         return datetime.date.fromisoformat(value)
     except ValueError:
         raise ValueError(
-            f"{field} {value!r} is not a YYYY-MM-DD date"
+            f"{field} {value[:40]!r} is not a YYYY-MM-DD date"
         ) from None
 
 
@@ -499,14 +589,18 @@ class AccountServicer(accounts_pb2_grpc.AccountServiceServicer):
         self._store = store
 
     async def GetOrganization(self, request, context):
-        row = None
-        if valid_uuid(request.org_id):
-            row = await self._store.get_organization(request.org_id)
+        if not valid_uuid(request.org_id):
+            await abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                "organization not found: orgId must be a UUID",
+            )
+        row = await self._store.get_organization(request.org_id)
         if row is None:
             await abort(
                 context,
                 grpc.StatusCode.NOT_FOUND,
-                f"organization {request.org_id!r} not found",
+                f"organization {request.org_id} not found",
             )
 
         return organization_message(row)

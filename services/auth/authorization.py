@@ -22,7 +22,9 @@ from services.auth.decision import (
     denial_status,
     error_body,
 )
+from services.auth.quota import QuotaUnavailable
 from services.common import metrics
+from services.common.logging import bind_rpc_fields
 
 log = structlog.get_logger()
 
@@ -39,6 +41,10 @@ def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
 def _metadata(decision: Decision) -> struct_pb2.Struct:
     metadata = struct_pb2.Struct()
     metadata.update(decision.metadata)
+    if not decision.allowed:
+        # The code of the denial's JSON body, which the access log records
+        # for REST callers: Envoy derives no gRPC code from it.
+        metadata["grpc_status"] = str(decision.code.value[0])
 
     return metadata
 
@@ -120,7 +126,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         )
         try:
             decision = await self._decider.decide(facts)
-        except (SQLAlchemyError, OSError) as error:
+        except (SQLAlchemyError, QuotaUnavailable, OSError) as error:
             # Fail closed: no decision means no access.
             log.error(
                 "auth.decision_failed",
@@ -133,10 +139,10 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
                 "authorization is unavailable: retry shortly",
             )
         metrics.AUTH_DECISIONS.labels(decision.code.name).inc()
-        log.info(
-            "auth.decision",
+        # The server's one line for this RPC carries these fields.
+        bind_rpc_fields(
             allowed=decision.allowed,
-            code=decision.code.name,
+            decision=decision.code.name,
             request_id=facts.request_id,
             action=decision.metadata.get("action", ""),
             org_id=decision.metadata.get("org_id", ""),

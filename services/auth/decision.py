@@ -4,8 +4,8 @@ Order of checks: no credential may travel in the URL; the URL must decode
 to UTF-8 without NUL, and every header must fit in gRPC metadata; the RPC
 must exist; operator methods need the operator token; every other method
 needs a well-formed, known, unexpired key, then an active organization, a
-client address inside its IP allowlist if it has one, and the method's
-scope.
+client address inside its IP allowlist if it has one, room in the daily
+quota, the method's scope and a body that fits the RPC's message type.
 Every request whose key is known counts toward its organization's daily
 quota, even when a later check denies it; requests rejected before the key
 is known count for no organization.
@@ -32,6 +32,7 @@ from services.auth.ehr_tokens import (
     JwksUnavailable,
     TokenRejected,
 )
+from services.auth.quota import QuotaCounter
 from services.auth.store import AuthStore, Credential, IPNetwork
 from services.common import methods, metrics, strict_body
 from services.common.errors import (
@@ -53,8 +54,19 @@ log = structlog.get_logger()
 
 # Query parameters that carry a credential when a client puts one in a URL.
 _CREDENTIAL_PARAMETERS = frozenset(
-    {"api_key", "apikey", "api-key", "key", "x-api-key", "token"}
+    {
+        "api_key",
+        "apikey",
+        "api-key",
+        "key",
+        "x-api-key",
+        "token",
+        "access_token",
+        "authorization",
+    }
 )
+# The prefixes of API keys and of the operator token.
+_CREDENTIAL_PREFIXES = (keys.PREFIX, keys.OPERATOR_TOKEN_PREFIX)
 API_KEY_HEADER = "x-api-key"
 AUTHORIZATION_HEADER = "authorization"
 # Headers the auth decision owns: a client's own values never pass.
@@ -125,15 +137,18 @@ def _rate_limit_headers(
     }
 
 
-def _credential_in_query(path: str) -> bool:
-    """Tell whether a URL's query carries an API key or a named credential."""
+def _credential_in_url(path: str) -> bool:
+    """Tell whether a URL carries an API key or the operator token.
+
+    A key pasted into a path (`DELETE /v1/keys/arx_...`) would be echoed in
+    error messages and logs just as one in the query string.
+    """
+    decoded = urllib.parse.unquote(path)
+    if any(prefix in decoded for prefix in _CREDENTIAL_PREFIXES):
+        return True
     _, _, query = path.partition("?")
-    if not query:
-        return False
-    for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+    for name, _ in urllib.parse.parse_qsl(query, keep_blank_values=True):
         if name.lower() in _CREDENTIAL_PARAMETERS:
-            return True
-        if keys.PREFIX in value or keys.PREFIX in name:
             return True
 
     return False
@@ -163,15 +178,31 @@ _METADATA_NAME = re.compile(r"^[0-9a-z_.-]+$")
 _METADATA_VALUE = re.compile(r"^[\x20-\x7e]*$")
 
 
-def _invalid_header(headers: dict[str, str]) -> str | None:
-    """Return the first header that cannot travel as gRPC metadata."""
+# gRPC's grammar of a deadline (up to 8 digits and a unit) and of a binary
+# header's values (base64, joined by commas when repeated). A server fails
+# a call that breaks either with INTERNAL.
+_GRPC_TIMEOUT = re.compile(r"^[0-9]{1,8}[HMSmun]$")
+_BASE64 = re.compile(r"^[A-Za-z0-9+/]*={0,2}(,[A-Za-z0-9+/]*={0,2})*$")
+
+
+def _invalid_header(headers: dict[str, str]) -> tuple[str, str] | None:
+    """Return the first header that cannot travel as gRPC metadata, and
+    what its value must look like."""
     for name, value in headers.items():
         if name.startswith(":"):
             continue
         if not _METADATA_NAME.match(name):
-            return name
-        if not name.endswith("-bin") and not _METADATA_VALUE.match(value):
-            return name
+            return name, ("names may contain only a-z, 0-9, '-', '_' and '.'")
+        if name.endswith("-bin"):
+            if not _BASE64.match(value):
+                return name, "a -bin header's value must be base64"
+        elif not _METADATA_VALUE.match(value):
+            return name, "values may contain only printable ASCII"
+        elif name == "grpc-timeout" and not _GRPC_TIMEOUT.match(value):
+            return name, (
+                "grpc-timeout must be up to 8 digits and a unit "
+                "(H, M, S, m, u or n)"
+            )
 
     return None
 
@@ -196,7 +227,16 @@ def _body_denial(
     if method.input_type is None or not facts.body:
         return None
     if facts.headers.get("content-type", "").startswith("application/grpc"):
-        violations = strict_body.check_grpc_body(facts.body, method.input_type)
+        try:
+            violations = strict_body.check_grpc_body(
+                facts.body,
+                method.input_type,
+                facts.headers.get("grpc-encoding", ""),
+            )
+        except strict_body.MessageTooLarge as error:
+            return _deny(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), **audit
+            )
     elif method.http is not None and method.http.body:
         violations = strict_body.check_json_body(
             facts.body, method.input_type, method.http.body
@@ -216,6 +256,46 @@ def _body_denial(
     return decision
 
 
+def _organization_denial(
+    facts: RequestFacts, credential: Credential, identity: dict
+) -> Decision | None:
+    """Deny a suspended organization, or a client outside its allowlist."""
+    if credential.org_state != "active":
+        return _deny(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"organization {credential.org_id} is suspended: "
+            "contact the operator of this deployment",
+            **identity,
+        )
+    address = facts.headers.get(CLIENT_ADDRESS_HEADER, "")
+    if credential.ip_allowlist and not _address_allowed(
+        address, credential.ip_allowlist
+    ):
+        return _deny(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"client address {address[:64] or '?'} is outside the IP "
+            f"allowlist of organization {credential.org_id}: call from "
+            "an allowed network or ask the operator to extend the list",
+            **identity,
+        )
+
+    return None
+
+
+def _scope_denial(
+    method: methods.Method, credential: Credential, identity: dict
+) -> Decision | None:
+    if method.scope in credential.scopes:
+        return None
+
+    return _deny(
+        grpc.StatusCode.PERMISSION_DENIED,
+        f"API key {credential.key_id} lacks the scope "
+        f"{method.scope} that {method.action} needs",
+        **identity,
+    )
+
+
 def _deny(code: grpc.StatusCode, message: str, **metadata: str) -> Decision:
     return Decision(False, code, message, metadata=metadata)
 
@@ -224,12 +304,14 @@ class AuthDecider:
     def __init__(
         self,
         store: AuthStore,
+        quota: QuotaCounter,
         operator_token_sha256: bytes,
         clock=lambda: datetime.datetime.now(datetime.UTC),
         cache: CredentialCache | None = None,
         ehr_tokens: EhrTokenVerifier | None = None,
     ) -> None:
         self._store = store
+        self._quota = quota
         self._cache = cache
         # None in tests that need no CDS Hooks: API keys only, and hooks
         # calls get no model review.
@@ -238,12 +320,13 @@ class AuthDecider:
         self._clock = clock
 
     async def decide(self, facts: RequestFacts) -> Decision:
-        if _credential_in_query(facts.path):
+        if _credential_in_url(facts.path):
             return _deny(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                "API keys are accepted only in the X-API-Key header, never "
-                "in the URL: a key sent in a URL may be stored by proxies "
-                "and browsers, so revoke it and create a new one",
+                "credentials are accepted only in the X-API-Key or "
+                "Authorization header, never in the URL: a credential sent "
+                "in a URL may be stored by proxies and browsers, so revoke "
+                "it and create a new one",
             )
         url_problem = _url_problem(facts.path)
         if url_problem is not None:
@@ -254,18 +337,17 @@ class AuthDecider:
             )
         invalid_header = _invalid_header(facts.headers)
         if invalid_header is not None:
+            name, rule = invalid_header
             return _deny(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"invalid header {invalid_header[:64]!r}: names may contain "
-                "only a-z, 0-9, '-', '_' and '.', and values only printable "
-                "ASCII",
+                f"invalid header {name[:64]!r}: {rule}",
             )
         method = methods.find_method(facts.http_method, facts.path)
         if method is None:
             return _deny(
                 grpc.StatusCode.NOT_FOUND,
-                f"no API method at {facts.http_method} "
-                f"{facts.path.split('?', 1)[0]}: see the API reference",
+                f"no API method at {facts.http_method[:16]} "
+                f"{facts.path.split('?', 1)[0][:128]}: see the API reference",
             )
         audit = {
             "action": method.action,
@@ -336,11 +418,16 @@ class AuthDecider:
             "org_id": credential.org_id,
             "key_id": credential.key_id,
         }
-        denial = self._access_denial(facts, method, credential, identity)
-        if denial is None:
-            denial = _body_denial(facts, method, identity)
+        organization_denial = _organization_denial(facts, credential, identity)
+        request_denial = None
+        if organization_denial is None:
+            request_denial = _scope_denial(
+                method, credential, identity
+            ) or _body_denial(facts, method, identity)
 
-        return await self._count(credential, identity, denial)
+        return await self._count(
+            credential, identity, organization_denial, request_denial
+        )
 
     async def _decide_hooks(
         self, facts: RequestFacts, method: methods.Method, audit: dict
@@ -420,49 +507,18 @@ class AuthDecider:
             "org_id": credential.org_id,
             "key_id": credential.key_id,
         }
-        denial = self._access_denial(facts, method, credential, identity)
-        decision = await self._count(credential, identity, denial)
+        organization_denial = _organization_denial(facts, credential, identity)
+        request_denial = None
+        if organization_denial is None:
+            request_denial = _scope_denial(method, credential, identity)
+        decision = await self._count(
+            credential, identity, organization_denial, request_denial
+        )
         if decision.allowed:
             decision.upstream_headers[PRINCIPAL_HEADER] = "ehr_jwt"
             decision.metadata["principal"] = "ehr_jwt"
 
         return decision
-
-    def _access_denial(
-        self,
-        facts: RequestFacts,
-        method: methods.Method,
-        credential: Credential,
-        identity: dict,
-    ) -> Decision | None:
-        """Return why a known key may not make this call, or None."""
-        if credential.org_state != "active":
-            return _deny(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"organization {credential.org_id} is suspended: "
-                "contact the operator of this deployment",
-                **identity,
-            )
-        address = facts.headers.get(CLIENT_ADDRESS_HEADER, "")
-        if credential.ip_allowlist and not _address_allowed(
-            address, credential.ip_allowlist
-        ):
-            return _deny(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"client address {address[:64] or '?'} is outside the IP "
-                f"allowlist of organization {credential.org_id}: call from "
-                "an allowed network or ask the operator to extend the list",
-                **identity,
-            )
-        if method.scope not in credential.scopes:
-            return _deny(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"API key {credential.key_id} lacks the scope "
-                f"{method.scope} that {method.action} needs",
-                **identity,
-            )
-
-        return None
 
     async def _find_credential(self, digest: bytes) -> Credential | None:
         if self._cache is not None:
@@ -483,26 +539,28 @@ class AuthDecider:
         self,
         credential: Credential,
         identity: dict,
-        denial: Decision | None = None,
+        organization_denial: Decision | None = None,
+        request_denial: Decision | None = None,
     ) -> Decision:
         """Count a request of a known key against its organization's quota.
 
         A request that passed key authentication counts even when it is
-        then denied (`denial`), and its response carries the rate-limit
-        headers, as every authenticated request's does.
+        then denied, and its response carries the rate-limit headers, as
+        every authenticated request's does. Over the quota the answer is
+        429 whatever is wrong with the request itself (`request_denial`),
+        but a suspended organization or an address outside its allowlist
+        (`organization_denial`) is told so first.
         """
         now = self._clock()
         reset = next_utc_midnight(now)
         limit = plan_limits()[credential.plan].daily_request_limit
-        used = await self._store.count_request(
-            credential.org_id, now.date(), limit
-        )
-        if denial is not None:
-            denial.response_headers = _rate_limit_headers(
+        used = await self._quota.count(credential.org_id, now.date(), limit)
+        if organization_denial is not None:
+            organization_denial.response_headers = _rate_limit_headers(
                 limit, limit if used is None else used, reset
             )
 
-            return denial
+            return organization_denial
         if used is None:
             metrics.QUOTA_DENIALS.inc()
             decision = _deny(
@@ -519,6 +577,12 @@ class AuthDecider:
             decision.response_headers["retry-after"] = str(retry_after)
 
             return decision
+        if request_denial is not None:
+            request_denial.response_headers = _rate_limit_headers(
+                limit, used, reset
+            )
+
+            return request_denial
 
         return Decision(
             True,

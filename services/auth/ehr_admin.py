@@ -12,6 +12,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from services.auth.admin import valid_uuid
 from services.auth.ehr_store import EhrIssuerRow, EhrStore, IssuerTaken
 from services.auth.store import AuthStore
+from services.common import time_fields
 from services.common.errors import FieldViolation, abort, abort_invalid
 from services.common.identity import PRINCIPAL_HEADER, metadata_value
 
@@ -173,16 +174,20 @@ class EhrAccessServicer(ehr_pb2_grpc.EhrAccessServiceServicer):
 
     async def DeleteEhrIssuer(self, request, context):
         org_id = await self._organization(context, request.org_id)
-        row = None
-        if valid_uuid(request.issuer_id):
-            row = await self._ehr_store.delete_issuer(
-                org_id, request.issuer_id
+        if not valid_uuid(request.issuer_id):
+            # Not echoed: the id may be thousands of characters long.
+            await abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                "EHR issuer not found: issuer ids are UUIDs, as `arxio "
+                "ehr list --org ORG_ID` shows them",
             )
+        row = await self._ehr_store.delete_issuer(org_id, request.issuer_id)
         if row is None:
             await abort(
                 context,
                 grpc.StatusCode.NOT_FOUND,
-                f"EHR issuer {request.issuer_id[:64]!r} not found in "
+                f"EHR issuer {request.issuer_id} not found in "
                 f"organization {org_id}",
             )
         log.info(
@@ -195,10 +200,16 @@ class EhrAccessServicer(ehr_pb2_grpc.EhrAccessServiceServicer):
         org_id = await self._organization(context, request.org_id)
         timeout_ms = None
         if request.HasField("model_review_timeout"):
-            timeout_ms = round(
-                request.model_review_timeout.ToTimedelta().total_seconds()
-                * 1000
-            )
+            try:
+                timeout = time_fields.to_timedelta(
+                    request.model_review_timeout
+                )
+            except ValueError as error:
+                await abort_invalid(
+                    context,
+                    [FieldViolation("modelReviewTimeout", str(error))],
+                )
+            timeout_ms = round(timeout.total_seconds() * 1000)
             if timeout_ms == 0:
                 timeout_ms = None
             elif (
@@ -209,8 +220,7 @@ class EhrAccessServicer(ehr_pb2_grpc.EhrAccessServiceServicer):
                     [
                         FieldViolation(
                             "modelReviewTimeout",
-                            "must be 0s (off) or 0.1s to 10s, got "
-                            f"{timeout_ms / 1000:g}s",
+                            "must be 0s (off) or 0.1s to 10s",
                         )
                     ],
                 )

@@ -9,8 +9,6 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-# Stands for "unlimited" in the quota statement, so it needs no branch.
-_NO_LIMIT = 2**62
 
 
 @dataclass(frozen=True)
@@ -30,8 +28,24 @@ class KeyRow:
     name: str
     scopes: tuple[str, ...]
     create_time: datetime.datetime
+    # The expiry the key was created with; None for a key that never
+    # expires on its own.
     expire_time: datetime.datetime | None
     revoke_time: datetime.datetime | None
+    # The end of the grace period of a key rotated away; None until the
+    # key is rotated.
+    grace_end_time: datetime.datetime | None = None
+
+    @property
+    def end_time(self) -> datetime.datetime | None:
+        """Return when the key stops working unless revoked first."""
+        ends = [
+            time
+            for time in (self.expire_time, self.grace_end_time)
+            if time is not None
+        ]
+
+        return min(ends, default=None)
 
 
 @dataclass(frozen=True)
@@ -52,7 +66,13 @@ _ORG_COLUMNS = (
     "org_id::text, name, plan, state, create_time, ip_allowlist::text[]"
 )
 _KEY_COLUMNS = (
-    "key_id, org_id::text, name, scopes, create_time, expire_time, revoke_time"
+    "key_id, org_id::text, name, scopes, create_time, expire_time,"
+    " revoke_time, grace_end_time"
+)
+# Only Enterprise organizations have an IP allowlist: an UPDATE that sets
+# `:plan` matches a row only if the new plan keeps that true.
+_NEW_PLAN_ALLOWS_ALLOWLIST = (
+    "(CAST(:plan AS text) = 'enterprise' OR cardinality(ip_allowlist) = 0)"
 )
 
 
@@ -69,6 +89,7 @@ def _key_row(row) -> KeyRow:
         create_time=row[4],
         expire_time=row[5],
         revoke_time=row[6],
+        grace_end_time=row[7],
     )
 
 
@@ -83,12 +104,14 @@ class AuthStore:
                 await session.execute(
                     text(
                         "SELECT k.key_id, k.org_id::text, k.scopes, o.plan,"
-                        " o.state, o.ip_allowlist::text[], k.expire_time"
+                        " o.state, o.ip_allowlist::text[],"
+                        " LEAST(k.expire_time, k.grace_end_time)"
                         " FROM auth.api_keys k"
                         " JOIN auth.organizations o USING (org_id)"
                         " WHERE k.key_sha256 = :digest"
                         " AND k.revoke_time IS NULL"
-                        " AND (k.expire_time IS NULL OR k.expire_time > now())"
+                        " AND COALESCE(LEAST(k.expire_time, k.grace_end_time),"
+                        " 'infinity') > now()"
                     ),
                     {"digest": digest},
                 )
@@ -105,37 +128,6 @@ class AuthStore:
             ip_allowlist=tuple(ipaddress.ip_network(cidr) for cidr in row[5]),
             expire_time=row[6],
         )
-
-    async def count_request(
-        self, org_id: str, day: datetime.date, limit: int | None
-    ) -> int | None:
-        """Count one request against the day's quota.
-
-        Return the new count, or None when the organization is already at
-        `limit`, in which case nothing is counted. One statement, so
-        concurrent replicas cannot overshoot the limit.
-        """
-        async with self._sessions.begin() as session:
-            row = (
-                await session.execute(
-                    text(
-                        "INSERT INTO auth.daily_usage"
-                        " (org_id, day, request_count)"
-                        " VALUES (:org_id, :day, 1)"
-                        " ON CONFLICT (org_id, day) DO UPDATE"
-                        " SET request_count = daily_usage.request_count + 1"
-                        " WHERE daily_usage.request_count < :limit"
-                        " RETURNING request_count"
-                    ),
-                    {
-                        "org_id": org_id,
-                        "day": day,
-                        "limit": _NO_LIMIT if limit is None else limit,
-                    },
-                )
-            ).first()
-
-        return None if row is None else row[0]
 
     async def create_organization(
         self, name: str, plan: str
@@ -168,27 +160,66 @@ class AuthStore:
 
         return None if row is None else _organization_row(row)
 
-    async def update_organization(
-        self, org_id: str, **changes: str | list[str]
+    async def set_state(
+        self, org_id: str, state: str
     ) -> OrganizationRow | None:
-        """Set the given columns (state, plan or ip_allowlist) of one row."""
-        assignments = {
-            "state": "state = :state",
-            "plan": "plan = :plan",
-            "ip_allowlist": "ip_allowlist = CAST(:ip_allowlist AS cidr[])",
-        }
-        unknown = set(changes) - set(assignments)
-        if unknown or not changes:
-            raise ValueError(f"cannot update organization columns {unknown}")
-        assignment = ", ".join(assignments[column] for column in changes)
+        """Set an organization's state, active or suspended."""
+        return await self._update_organization(
+            "state = :state", {"org_id": org_id, "state": state}
+        )
+
+    async def set_plan(
+        self, org_id: str, plan: str
+    ) -> tuple[OrganizationRow | None, bool]:
+        """Set the plan unless the organization keeps an IP allowlist.
+
+        Only Enterprise organizations have an allowlist, so any other plan
+        is set only once the allowlist is empty. Return the row as it is
+        after the statement, or None when the organization does not exist,
+        and whether the plan was set. One statement, so a concurrent
+        allowlist change cannot slip in between check and update.
+        """
+        row = await self._update_organization(
+            "plan = :plan",
+            {"org_id": org_id, "plan": plan},
+            condition=_NEW_PLAN_ALLOWS_ALLOWLIST,
+        )
+        if row is not None:
+            return row, True
+
+        return await self.get_organization(org_id), False
+
+    async def set_ip_allowlist(
+        self, org_id: str, ranges: list[str]
+    ) -> tuple[OrganizationRow | None, bool]:
+        """Replace the IP allowlist if it is empty or the plan is Enterprise.
+
+        Return the row as it is after the statement, or None when the
+        organization does not exist, and whether the allowlist was set.
+        """
+        row = await self._update_organization(
+            "ip_allowlist = CAST(:ranges AS cidr[])",
+            {"org_id": org_id, "ranges": ranges},
+            condition="(plan = 'enterprise'"
+            " OR cardinality(CAST(:ranges AS cidr[])) = 0)",
+        )
+        if row is not None:
+            return row, True
+
+        return await self.get_organization(org_id), False
+
+    async def _update_organization(
+        self, assignment: str, parameters: dict, condition: str = "TRUE"
+    ) -> OrganizationRow | None:
         async with self._sessions.begin() as session:
             row = (
                 await session.execute(
                     text(
                         f"UPDATE auth.organizations SET {assignment}"
-                        f" WHERE org_id = :org_id RETURNING {_ORG_COLUMNS}"
+                        f" WHERE org_id = :org_id AND {condition}"
+                        f" RETURNING {_ORG_COLUMNS}"
                     ),
-                    {"org_id": org_id, **changes},
+                    parameters,
                 )
             ).first()
 
@@ -199,10 +230,12 @@ class AuthStore:
     ) -> tuple[OrganizationRow | None, bool]:
         """Set the plan while the current one is in `current_plans`.
 
-        An empty `current_plans` allows any. Return the row as it is after
-        the statement, or None when the organization does not exist, and
-        whether the plan changed. One statement, so a concurrent operator
-        change cannot be overwritten.
+        An empty `current_plans` allows any. As in `set_plan`, a plan other
+        than Enterprise is not set while the organization has an IP
+        allowlist. Return the row as it is after the statement, or None
+        when the organization does not exist, and whether the plan changed.
+        One statement, so a concurrent operator change cannot be
+        overwritten.
         """
         async with self._sessions.begin() as session:
             row = (
@@ -212,6 +245,7 @@ class AuthStore:
                         " WHERE org_id = :org_id AND plan <> :plan"
                         " AND (cardinality(CAST(:current AS text[])) = 0"
                         " OR plan = ANY(CAST(:current AS text[])))"
+                        f" AND {_NEW_PLAN_ALLOWS_ALLOWLIST}"
                         f" RETURNING {_ORG_COLUMNS}"
                     ),
                     {
@@ -312,20 +346,28 @@ class AuthStore:
 
         return None if row is None else _key_row(row)
 
-    async def expire_key(
-        self, org_id: str, key_id: str, expire_time: datetime.datetime
+    async def end_grace_at(
+        self, org_id: str, key_id: str, grace_end_time: datetime.datetime
     ) -> KeyRow | None:
-        """Bring a key's expiry forward to `expire_time`, never later."""
+        """Stop a rotated key at `grace_end_time`, or earlier if already set.
+
+        The key's own `expire_time` stays as created, so a replacement made
+        later can copy it.
+        """
         async with self._sessions.begin() as session:
             row = (
                 await session.execute(
                     text(
-                        "UPDATE auth.api_keys SET expire_time ="
-                        " LEAST(COALESCE(expire_time, :time), :time)"
+                        "UPDATE auth.api_keys SET grace_end_time ="
+                        " LEAST(COALESCE(grace_end_time, :time), :time)"
                         " WHERE org_id = :org_id AND key_id = :key_id"
                         f" AND revoke_time IS NULL RETURNING {_KEY_COLUMNS}"
                     ),
-                    {"org_id": org_id, "key_id": key_id, "time": expire_time},
+                    {
+                        "org_id": org_id,
+                        "key_id": key_id,
+                        "time": grace_end_time,
+                    },
                 )
             ).first()
 

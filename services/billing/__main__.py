@@ -29,7 +29,9 @@ log = structlog.get_logger()
 
 async def main() -> None:
     config = BillingConfig.from_env(Environment())
-    engine = db.create_engine(config.database_url)
+    engine = db.create_pooled_engine(
+        config.database_url, db.PoolSettings.from_env(Environment(), 10)
+    )
     billing_store = BillingStore(db.session_factory(engine))
     channel = grpc.aio.secure_channel(
         config.auth_address, channel_credentials(config.server)
@@ -49,7 +51,9 @@ async def main() -> None:
 
     stopping = asyncio.Event()
     reporting = None
-    if gateway is not None:
+    if gateway is not None and config.usage_report.interval == 0:
+        log.info("usage_report.loop_off", reason="interval is 0")
+    elif gateway is not None:
         reporter = UsageReporter(
             billing_store,
             accounts,

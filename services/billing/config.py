@@ -13,6 +13,8 @@ STRIPE_API_VERSION = "2026-10-28.endive"
 DEFAULT_STRIPE_API_BASE = "https://api.stripe.com"
 # Stripe's own default for the signature timestamp's age, in seconds.
 DEFAULT_WEBHOOK_TOLERANCE = 300
+# Shortest interval in seconds of the in-process usage report loop.
+MIN_USAGE_REPORT_SECONDS = 0.1
 
 
 def _base_url(env: Environment, name: str, default: str) -> str:
@@ -31,6 +33,37 @@ def _base_url(env: Environment, name: str, default: str) -> str:
         raise ConfigError(
             f"{name}={value!r} is invalid: plain http is allowed only for a "
             "local test server on 127.0.0.1, ::1 or localhost"
+        )
+
+    return value
+
+
+def _return_url(env: Environment, name: str, default: str) -> str:
+    """Read a page that Stripe sends the user back to.
+
+    Rejects plain http except on loopback, and a host under `.invalid`
+    (reserved by RFC 2606), which the Kubernetes manifests ship as a
+    placeholder until the operator sets the edge's public address.
+    """
+    value = env.text(name, default)
+    parts = urllib.parse.urlsplit(value)
+    host = (parts.hostname or "").rstrip(".")
+    if host == "invalid" or host.endswith(".invalid"):
+        raise ConfigError(
+            f"{name}={value!r} is a placeholder: set it to a page under the "
+            "edge's public https address, for example "
+            "https://api.hospital.example/"
+        )
+    loopback = host in ("127.0.0.1", "::1", "localhost")
+    if not host or parts.scheme not in ("https", "http"):
+        raise ConfigError(
+            f"{name}={value!r} is invalid: expected an absolute https URL "
+            "such as https://api.hospital.example/"
+        )
+    if parts.scheme == "http" and not loopback:
+        raise ConfigError(
+            f"{name}={value!r} is invalid: plain http is allowed only for "
+            "127.0.0.1, ::1 or localhost; use https"
         )
 
     return value
@@ -63,8 +96,10 @@ class StripeConfig:
         api_key = env.optional("STRIPE_API_KEY")
         if api_key is None:
             return None
-        return_url = env.text(
-            "ARXIO_BILLING_RETURN_URL", "https://localhost:8443/"
+        # The default suits `make run` only; the Kubernetes manifests set
+        # a placeholder that this check rejects until the operator sets it.
+        return_url = _return_url(
+            env, "ARXIO_BILLING_RETURN_URL", "https://localhost:8443/"
         )
 
         return cls(
@@ -77,8 +112,12 @@ class StripeConfig:
             meter_event_name=env.text(
                 "STRIPE_METER_EVENT_NAME", "arxio_api_requests"
             ),
-            success_url=env.text("ARXIO_BILLING_SUCCESS_URL", return_url),
-            cancel_url=env.text("ARXIO_BILLING_CANCEL_URL", return_url),
+            success_url=_return_url(
+                env, "ARXIO_BILLING_SUCCESS_URL", return_url
+            ),
+            cancel_url=_return_url(
+                env, "ARXIO_BILLING_CANCEL_URL", return_url
+            ),
             portal_return_url=return_url,
             max_network_retries=env.integer(
                 "STRIPE_MAX_NETWORK_RETRIES", 2, minimum=0, maximum=5
@@ -93,7 +132,9 @@ class StripeConfig:
 class UsageReportConfig:
     """The periodic job that sends daily usage to Stripe's meter."""
 
-    # Seconds between runs.
+    # Seconds between runs of the billing service's own loop; 0 turns the
+    # loop off, for deployments that run `python -m
+    # services.billing.report_usage` on a schedule instead.
     interval: float
     # Days back from yesterday that a run reports, so a job that was down
     # catches up. Stripe accepts meter events up to 35 days old.
@@ -104,10 +145,18 @@ class UsageReportConfig:
 
     @classmethod
     def from_env(cls, env: Environment) -> "UsageReportConfig":
+        interval = env.number(
+            "ARXIO_BILLING_USAGE_REPORT_SECONDS", 3600.0, minimum=0
+        )
+        if 0 < interval < MIN_USAGE_REPORT_SECONDS:
+            raise ConfigError(
+                f"ARXIO_BILLING_USAGE_REPORT_SECONDS={interval} is below the "
+                f"minimum {MIN_USAGE_REPORT_SECONDS}: set a longer interval, "
+                "or 0 to turn the loop off"
+            )
+
         return cls(
-            interval=env.number(
-                "ARXIO_BILLING_USAGE_REPORT_SECONDS", 3600.0, minimum=0.1
-            ),
+            interval=interval,
             lookback_days=env.integer(
                 "ARXIO_BILLING_USAGE_LOOKBACK_DAYS", 30, minimum=1, maximum=34
             ),

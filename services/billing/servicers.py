@@ -35,7 +35,7 @@ def _parse_date(
         return datetime.date.fromisoformat(value)
     except ValueError:
         violations.append(
-            FieldViolation(field, f"{value[:40]!r} is not a YYYY-MM-DD date")
+            FieldViolation(field, "must be a date in the form YYYY-MM-DD")
         )
 
         return None

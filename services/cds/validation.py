@@ -2,6 +2,7 @@
 
 Field paths are the JSON names that clients send (`medications[3].name`,
 `patient.ageYears`), so the error response points at the field to fix.
+Descriptions give the limit but never the value, which is patient data.
 """
 
 import math
@@ -42,23 +43,22 @@ def _patient_violations(patient: cds_pb2.Patient) -> Iterator[FieldViolation]:
     if patient.HasField("age_years") and patient.age_years > MAX_AGE_YEARS:
         yield FieldViolation(
             "patient.ageYears",
-            f"must be 0 to {MAX_AGE_YEARS} years, got {patient.age_years}",
+            f"must be 0 to {MAX_AGE_YEARS} years",
         )
     if patient.HasField("weight_kg") and not (
         0 < patient.weight_kg <= MAX_WEIGHT_KG
     ):
         yield FieldViolation(
             "patient.weightKg",
-            f"must be above 0 and at most {MAX_WEIGHT_KG} kg, "
-            f"got {patient.weight_kg}",
+            f"must be above 0 and at most {MAX_WEIGHT_KG} kg",
         )
     if patient.HasField("egfr") and not (0 <= patient.egfr <= MAX_EGFR):
         yield FieldViolation(
             "patient.egfr",
-            f"must be 0 to {MAX_EGFR} mL/min/1.73 m2, got {patient.egfr}",
+            f"must be 0 to {MAX_EGFR} mL/min/1.73 m2",
         )
     if patient.sex not in cds_pb2.Patient.Sex.values():
-        yield FieldViolation("patient.sex", f"unknown value {patient.sex}")
+        yield FieldViolation("patient.sex", "is not a known value")
 
 
 def _list_violations(
@@ -102,7 +102,7 @@ def _medication_violations(
             if not math.isfinite(dose.value) or dose.value < 0:
                 yield FieldViolation(
                     f"{path}.dose.value",
-                    f"must be a finite number of 0 or more, got {dose.value}",
+                    "must be a finite number of 0 or more",
                 )
             yield from _text_violations(f"{path}.dose.unit", dose.unit)
 
@@ -135,6 +135,4 @@ def _allergy_violations(
         if not allergy.substance.strip():
             yield FieldViolation(f"{path}.substance", "is required")
         if allergy.severity not in cds_pb2.Allergy.Severity.values():
-            yield FieldViolation(
-                f"{path}.severity", f"unknown value {allergy.severity}"
-            )
+            yield FieldViolation(f"{path}.severity", "is not a known value")

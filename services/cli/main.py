@@ -195,7 +195,10 @@ def _verify_export(args) -> dict:
         "firstSeq": result.first_seq,
         "lastSeq": result.last_seq,
         "problems": [problem.__dict__ for problem in result.problems],
+        "unsignedEntries": result.unsigned_entries,
     }
+    if result.unsigned_since is not None:
+        output["unsignedSince"] = chain.utc_text(result.unsigned_since)
     if not result.intact:
         raise TrailNotIntact(output)
 
@@ -354,7 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         org_command.set_defaults(run=run)
     set_plan = orgs_commands.add_parser(
-        "set-plan", help="change an organization's plan (next request on)"
+        "set-plan",
+        help="change an organization's plan (next request on); leaving "
+        "enterprise needs the IP allowlist removed first",
     )
     set_plan.add_argument("--org", required=True, help="organization id")
     set_plan.add_argument("--plan", required=True, choices=PLANS)

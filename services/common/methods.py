@@ -145,3 +145,35 @@ def find_method(http_method: str, path: str) -> Method | None:
             return method
 
     return None
+
+
+# The edge names its routes after the RPC they serve: `<action>` for the
+# REST binding, `<action>.grpc` for the native gRPC path, and
+# `<action>.<reason>` for a guard route that rejects a request to the REST
+# binding. The access log records the name, never the path.
+def grpc_route_name(method: Method) -> str:
+    return f"{method.action}.grpc"
+
+
+@cache
+def _by_action() -> dict[str, Method]:
+    return {method.action: method for method in public_methods()}
+
+
+def find_route(route_name: str) -> tuple[Method, str] | None:
+    """Find the RPC of an edge route by the route's name.
+
+    Returns the RPC and the endpoint that audit entries record for it:
+    the gRPC path for the gRPC route, and the REST template, such as
+    `/v1/keys/{key_id}`, for the others. Returns None for a route that
+    serves no RPC, such as the API description.
+    """
+    # An action is `<service>.<rpc>`; a third part names the route's kind.
+    parts = route_name.split(".", 2)
+    method = _by_action().get(".".join(parts[:2]))
+    if method is None:
+        return None
+    if route_name == grpc_route_name(method) or method.http is None:
+        return method, method.grpc_path
+
+    return method, method.http.template

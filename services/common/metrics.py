@@ -97,7 +97,19 @@ AUDIT_INGEST_ENTRIES = Counter(
 )
 AUDIT_INGEST_SKIPPED_LINES = Counter(
     "arxio_audit_ingest_skipped_lines_total",
-    "Access-log lines skipped as invalid or too long.",
+    "Access-log lines of normal length skipped as invalid.",
+)
+AUDIT_INGEST_LONG_LINES = Counter(
+    "arxio_audit_ingest_long_lines_total",
+    "Access-log lines longer than the edge's format allows, each stored"
+    " as an entry all the same.",
+)
+AUDIT_INGEST_REPLACED_REQUEST_IDS = Counter(
+    "arxio_audit_ingest_replaced_request_ids_total",
+    "Audit entries stored with a fresh request id in place of the logged"
+    " one, by reason: not_edge_form (not an id the edge generates) or"
+    " repeated (an entry has it already).",
+    ["reason"],
 )
 AUDIT_INGEST_FAILURES = Counter(
     "arxio_audit_ingest_failures_total",
@@ -112,15 +124,28 @@ def split_method(method: str) -> tuple[str, str]:
     return service, name
 
 
+# The labelled series of each (method, type, code), looked up once: the
+# client library's own lookup takes a lock on every call.
+_RPC_SERIES: dict[tuple[str, str, str], tuple] = {}
+
+
 def observe_rpc(method: str, rpc_type: str, code: str, seconds: float) -> None:
     """Count one finished RPC and record its latency.
 
     `rpc_type` is go-grpc-prometheus's name of the RPC's shape: unary,
     client_stream, server_stream or bidi_stream.
     """
-    service, name = split_method(method)
-    GRPC_HANDLED.labels(service, name, rpc_type, code).inc()
-    GRPC_HANDLING_SECONDS.labels(service, name, rpc_type).observe(seconds)
+    series = _RPC_SERIES.get((method, rpc_type, code))
+    if series is None:
+        service, name = split_method(method)
+        series = (
+            GRPC_HANDLED.labels(service, name, rpc_type, code),
+            GRPC_HANDLING_SECONDS.labels(service, name, rpc_type),
+        )
+        _RPC_SERIES[(method, rpc_type, code)] = series
+    handled, handling_seconds = series
+    handled.inc()
+    handling_seconds.observe(seconds)
 
 
 def observe_model_call(outcome: str, seconds: float) -> None:

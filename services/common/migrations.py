@@ -110,14 +110,17 @@ def main() -> int:
 
     Run as `python -m services.common.migrations`, for example by the
     Kubernetes migration Job before the services roll out. Exits 2 when
-    DATABASE_URL is missing and 1 when PostgreSQL rejects a step.
+    DATABASE_URL is missing or weakens PGSSLMODE, and 1 when PostgreSQL
+    rejects a step.
     """
     from services.common.config import ConfigError, Environment
+    from services.common.db import check_sslmode
     from services.common.logging import configure_logging
 
     configure_logging("migrations")
     try:
         admin_url = Environment().text("DATABASE_URL")
+        check_sslmode(admin_url)
     except ConfigError as error:
         log.error("migrations.config_invalid", error=str(error))
         return 2

@@ -20,8 +20,7 @@ def page_size(requested: int) -> int:
     """Apply the default and the maximum to a request's `page_size`."""
     if not 0 <= requested <= MAX_PAGE_SIZE:
         raise ValueError(
-            f"must be 0 to {MAX_PAGE_SIZE} (0 means {DEFAULT_PAGE_SIZE}), "
-            f"got {requested}"
+            f"must be 0 to {MAX_PAGE_SIZE} (0 means {DEFAULT_PAGE_SIZE})"
         )
     if requested == 0:
         return DEFAULT_PAGE_SIZE

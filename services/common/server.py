@@ -8,6 +8,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
+import psycopg
+import sqlalchemy.exc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -20,7 +22,12 @@ from services.common.identity import (
     ORG_ID_HEADER,
     REQUEST_ID_HEADER,
 )
-from services.common.logging import configure_logging
+from services.common.logging import (
+    configure_logging,
+    end_rpc_fields,
+    start_rpc_fields,
+)
+from services.common.tls import reloading_server_credentials
 
 log = structlog.get_logger()
 
@@ -37,6 +44,19 @@ LIVENESS_NAME = "liveness"
 # another replica the requests that still meet a closed port.
 DRAIN_QUIET_SECONDS = 1.0
 MAX_DRAIN_SECONDS = 10.0
+# Largest request message a service accepts, after decompression: a CDS
+# Hooks call or a Stripe webhook, whose bodies the edge caps at 512 KiB
+# (services/launcher/envoy_config.py), with room for the fields around
+# them. Every other request is smaller: the edge caps it at 64 KiB, and
+# the auth decision's Check request adds at most the request's 32 KiB of
+# headers.
+MAX_RECEIVE_MESSAGE_BYTES = 528 * 1024
+# Largest request metadata a service accepts. The edge admits 32 KiB of
+# request headers (max_request_headers_kb in envoy/envoy.yaml.tmpl) and
+# forwards them with headers of its own and the auth decision's, which
+# add well under 16 KiB. gRPC's default limit (16 KiB) turned requests
+# that the edge accepted into RESOURCE_EXHAUSTED.
+MAX_METADATA_BYTES = 80 * 1024
 
 
 @dataclass(frozen=True)
@@ -82,16 +102,40 @@ INTERNAL_ERROR_MESSAGE = (
 )
 
 
+DATABASE_OUTAGE_MESSAGE = "the database is unavailable: retry shortly"
+
+
+def _is_database_outage(error: BaseException) -> bool:
+    """Tell whether an error means PostgreSQL cannot be reached right now."""
+    if isinstance(
+        error,
+        (
+            sqlalchemy.exc.OperationalError,
+            sqlalchemy.exc.InterfaceError,
+            sqlalchemy.exc.TimeoutError,
+            psycopg.OperationalError,
+            psycopg.InterfaceError,
+            ConnectionError,
+        ),
+    ):
+        return True
+    if isinstance(error, sqlalchemy.exc.DBAPIError):
+        return bool(error.connection_invalidated)
+
+    return False
+
+
 def _peer_name(context: grpc.aio.ServicerContext) -> str:
     names = context.auth_context().get("x509_common_name") or [b""]
 
     return names[0].decode()
 
 
-def _metadata(details: grpc.HandlerCallDetails) -> dict[str, str]:
+def _metadata(metadata) -> dict[str, str]:
+    """Return the ids of a call's metadata that its log lines carry."""
     wanted = (REQUEST_ID_HEADER, ORG_ID_HEADER, KEY_ID_HEADER)
     found = {}
-    for key, value in details.invocation_metadata or ():
+    for key, value in metadata or ():
         if key in wanted and isinstance(value, str):
             found[key.removeprefix("x-").replace("-", "_")] = value
 
@@ -113,6 +157,8 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         # time.monotonic() of the last RPC other than health and
         # reflection, which a draining server waits to fall quiet.
         self.last_rpc_started = 0.0
+        # Each method's handler and its wrapper.
+        self._wrapped: dict[str, tuple] = {}
 
     def _allowed_peers(self, method: str) -> frozenset[str] | None:
         service = method.lstrip("/").split("/", 1)[0]
@@ -129,8 +175,18 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         method = details.method
         if not method.startswith("/grpc."):
             self.last_rpc_started = time.monotonic()
+        # A method's handler is the same object on every call, so its
+        # wrapper is built once.
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, self._wrap(method, handler))
+            self._wrapped[method] = cached
+
+        return cached[1]
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler):
+        """Return `handler` with the peer check, log line and metrics."""
         allowed = self._allowed_peers(method)
-        ids = _metadata(details)
 
         async def check_peer(context) -> None:
             peer = _peer_name(context)
@@ -144,7 +200,8 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         def unary_response(inner, rpc_type: str):
             async def behavior(request, context):
                 started = time.perf_counter()
-                structlog.contextvars.bind_contextvars(method=method, **ids)
+                ids = _metadata(context.invocation_metadata())
+                fields = start_rpc_fields(method=method, **ids)
                 code = grpc.StatusCode.OK
                 try:
                     await check_peer(context)
@@ -153,10 +210,17 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                 except asyncio.CancelledError:
                     code = grpc.StatusCode.CANCELLED
                     raise
-                except Exception:
+                except Exception as error:
                     code = context.code()
                     if code not in (None, grpc.StatusCode.OK):
                         raise
+                    if _is_database_outage(error):
+                        code = grpc.StatusCode.UNAVAILABLE
+                        log.error(
+                            "rpc.database_unavailable",
+                            error=type(error).__name__,
+                        )
+                        await abort(context, code, DATABASE_OUTAGE_MESSAGE)
                     # A bug, not a decision: the client gets a fixed message
                     # and the request id, never the exception's text.
                     code = grpc.StatusCode.INTERNAL
@@ -172,9 +236,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                         duration_ms=round(elapsed * 1000, 2),
                     )
                     metrics.observe_rpc(method, rpc_type, code.name, elapsed)
-                    structlog.contextvars.unbind_contextvars(
-                        "method", *ids.keys()
-                    )
+                    end_rpc_fields(fields)
 
             return behavior
 
@@ -198,7 +260,11 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                     if context.code() not in (None, grpc.StatusCode.OK):
                         raise
                     code = grpc.StatusCode.INTERNAL
-                    log.exception("rpc.failed", method=method, **ids)
+                    log.exception(
+                        "rpc.failed",
+                        method=method,
+                        **_metadata(context.invocation_metadata()),
+                    )
                     await abort(
                         context,
                         grpc.StatusCode.INTERNAL,
@@ -247,13 +313,12 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
-    tls = config.tls
+    """Build mutual-TLS server credentials that follow renewed files.
 
-    return grpc.ssl_server_credentials(
-        [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
-        root_certificates=tls.ca_file.read_bytes(),
-        require_client_auth=True,
-    )
+    New connections get the certificate and CA that the files contain at
+    their handshake (see services/common/tls.py).
+    """
+    return reloading_server_credentials(config.tls)
 
 
 def channel_credentials(config: ServerConfig) -> grpc.ChannelCredentials:
@@ -362,7 +427,9 @@ async def serve(
     server = grpc.aio.server(
         interceptors=[interceptor],
         options=[
-            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+            ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+            ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+            ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
             ("grpc.so_reuseport", 0),
         ],
     )

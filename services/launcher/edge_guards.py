@@ -4,8 +4,8 @@ The overload manager and the global connection limit make a flood shed
 load instead of exhausting memory. Guard routes reply to some requests in
 Envoy itself, without the auth decision: a REST path called over gRPC
 (404), a JSON body route given another content type (415) or a query
-string (400), any OPTIONS request (CORS preflights included) and the
-public API description.
+string (400), a query parameter given twice (400), any OPTIONS request
+(CORS preflights included) and the public API description.
 """
 
 import json
@@ -33,6 +33,16 @@ JSON_CONTENT_TYPE = (
 # Content types of gRPC and gRPC-Web: application/grpc, +proto and the
 # like.
 GRPC_CONTENT_TYPE = r"(?i)^\s*application/grpc(-web(-text)?)?(\+\w+)?(;.*)?$"
+# A variable of a path template, such as `{key_id}`.
+_PATH_VARIABLE = re.compile(r"\{([a-z_][a-z0-9_.]*)")
+
+# Client connections the edge accepts at most, when its open-file limit
+# allows them (see connection_limit).
+MAX_CONNECTIONS = 25_000
+# File descriptors Envoy keeps for other than client connections: its
+# listeners, connections to the services and the auth decision, the
+# access log. NOTE: an estimate with a wide margin, not a measured count.
+ENVOY_RESERVED_FILES = 1024
 
 # Fraction of the heap maximum at which each overload action starts.
 SHRINK_HEAP_AT = 0.90
@@ -57,6 +67,19 @@ _SKIP_TRANSCODER = {
         "disabled": True,
     }
 }
+
+
+def connection_limit(open_files: int) -> int:
+    """Return the client connection limit that `open_files` descriptors
+    leave room for.
+
+    Past its open-file limit Envoy cannot accept a connection at all, so
+    the overload manager's limit must come first. A small limit keeps at
+    least half of the descriptors for clients.
+    """
+    reserved = min(ENVOY_RESERVED_FILES, open_files // 2)
+
+    return max(min(MAX_CONNECTIONS, open_files - reserved), 1)
 
 
 def overload_manager(max_heap_bytes: int, max_connections: int) -> dict:
@@ -152,6 +175,37 @@ def _with_headers(match: dict, *headers: dict) -> dict:
     return {**match, "headers": match["headers"] + list(headers)}
 
 
+def _query_parameter_names(method: methods.Method) -> list[tuple[str, ...]]:
+    """Return the names of each field a query parameter can set.
+
+    The transcoder takes a field by its JSON name or its proto name; the
+    fields in the path template take no query parameter.
+    """
+    binding = method.http
+    assert binding is not None and method.input_type is not None
+    in_path = set(_PATH_VARIABLE.findall(binding.template))
+
+    return [
+        tuple(dict.fromkeys((field.json_name, field.name)))
+        for field in method.input_type.fields
+        if field.name not in in_path and not field.is_repeated
+    ]
+
+
+def _repeated_parameter_regex(names: tuple[str, ...]) -> str:
+    """Return a regex of a :path that sets one field twice, by any of its
+    `names`.
+
+    RE2 has no back-references, so each field needs a regex of its own.
+    Envoy's limit on regex program size also rules out one regex for all
+    fields of a method.
+    """
+    name = "(?:" + "|".join(re.escape(item) for item in names) + ")"
+    parameter = f"{name}(?:=[^&]*)?"
+
+    return rf"[^?]*\?(?:[^&]*&)*{parameter}&(?:[^&]*&)*{parameter}(?:&.*)?"
+
+
 def _guards(method: methods.Method) -> list[dict]:
     """Return the routes that reject bad requests to one REST binding."""
     binding = method.http
@@ -182,6 +236,25 @@ def _guards(method: methods.Method) -> list[dict]:
         )
     ]
     if not binding.body:
+        for names in _query_parameter_names(method):
+            regex = _repeated_parameter_regex(names)
+            repeated = _with_headers(
+                base,
+                {
+                    "name": ":path",
+                    "string_match": {"safe_regex": {"regex": regex}},
+                },
+            )
+            guards.append(
+                _direct_reply(
+                    f"{method.action}.repeated_query_rejected",
+                    repeated,
+                    400,
+                    f"query parameter {names[0]} appears more than once: "
+                    f"{binding.method} {binding.template} takes it once",
+                )
+            )
+
         return guards
     # :path carries the query string, which path matchers ignore.
     with_query = _with_headers(
@@ -232,6 +305,50 @@ def guard_routes() -> list[dict]:
     return guards
 
 
+# Message encodings every service's gRPC server supports (grpcio).
+GRPC_ENCODINGS = ("identity", "deflate", "gzip")
+
+
+def grpc_encoding_route() -> dict:
+    """Return the route that rejects a gRPC request in another encoding.
+
+    A service fails such a call with INTERNAL, and with the Envoy 1.40 and
+    grpcio 1.85 of this suite it then failed later calls on the same
+    upstream connection too, until a call without the header came. The
+    reply is UNIMPLEMENTED (Envoy's mapping of 404) with
+    grpc-accept-encoding, as the compression guide on grpc.io describes.
+    """
+    names = "|".join(GRPC_ENCODINGS)
+    route = _direct_reply(
+        "grpc.encoding_rejected",
+        {
+            "prefix": "/",
+            "grpc": {},
+            "headers": [
+                {
+                    "name": "grpc-encoding",
+                    "string_match": {"safe_regex": {"regex": f"({names})?"}},
+                    "invert_match": True,
+                }
+            ],
+        },
+        404,
+        "unsupported grpc-encoding: send messages in "
+        f"{', '.join(GRPC_ENCODINGS)}, named in lower case",
+    )
+    route["response_headers_to_add"] = [
+        {
+            "header": {
+                "key": "grpc-accept-encoding",
+                "value": ",".join(GRPC_ENCODINGS),
+            },
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+        }
+    ]
+
+    return route
+
+
 # Checks, on routes that skip the auth decision, what the auth decision
 # checks on the others: a header that cannot travel as gRPC metadata would
 # make the service fail with INTERNAL.
@@ -266,6 +383,45 @@ def check_headers_without_auth(routes: list[dict]) -> None:
                 ".lua.v3.LuaPerRoute",
                 "source_code": {"inline_string": HEADER_CHECK_SCRIPT},
             }
+
+
+# Rejects a request body on a route whose method takes none. Without it the
+# transcoder would parse the body into the request message anyway: unknown
+# fields would vanish, known ones would bypass the query string's checks,
+# and a parse error would echo the body.
+NO_BODY_SCRIPT = """
+function envoy_on_request(request_handle)
+  local body = request_handle:body()
+  if body ~= nil and body:length() > 0 then
+    request_handle:respond({[":status"] = "400"},
+      "this method takes no request body: send its fields in the path " ..
+      "and the query string")
+  end
+end
+"""
+
+
+def reject_request_body(route: dict) -> None:
+    """Add the request body check to a route of a method without a body.
+
+    A Lua script the route already runs on responses keeps running.
+    """
+    filters = route.setdefault("typed_per_filter_config", {})
+    lua = filters.setdefault(
+        "envoy.filters.http.lua",
+        {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http"
+            ".lua.v3.LuaPerRoute",
+            "source_code": {"inline_string": ""},
+        },
+    )
+    source = lua["source_code"]["inline_string"]
+    if "envoy_on_request" in source:
+        raise ValueError(
+            f"route {route['name']} already checks requests in Lua: merge "
+            "NO_BODY_SCRIPT into its script"
+        )
+    lua["source_code"]["inline_string"] = NO_BODY_SCRIPT + source
 
 
 # Envoy's CORS filter ignores direct_response routes, so the OPTIONS route

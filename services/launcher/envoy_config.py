@@ -98,8 +98,11 @@ GRPC_RESPONSE_HEADERS = (
 
 # Request header carrying the HTTP method before transcoding.
 ORIGINAL_METHOD_HEADER = "x-arxio-original-method"
-# Request header carrying the content type before transcoding.
+# Request header carrying the content type before transcoding, cut to
+# MAX_ORIGINAL_CONTENT_TYPE_LENGTH characters: a copy in full could double
+# a client's headers past the edge's limit.
 ORIGINAL_CONTENT_TYPE_HEADER = "x-arxio-original-content-type"
+MAX_ORIGINAL_CONTENT_TYPE_LENGTH = 256
 
 # gRPC code of each HTTP status that Envoy produces itself.
 LOCAL_REPLY_CODES = {
@@ -126,10 +129,36 @@ LOCAL_REPLY_MESSAGES = {
     "Hooks routes",
     408: "request timeout: the request did not arrive in time; send its "
     "headers within 10 seconds and the whole request within 60",
-    426: "HTTP/1.0 is not supported: use HTTP/1.1 or HTTP/2",
+    # Envoy rejects HTTP/1.0 and any other version but 1.1 in an HTTP/1
+    # request line (such as HTTP/2.0) with the same 426.
+    426: "unsupported HTTP version: use HTTP/1.1, or HTTP/2 negotiated "
+    "through TLS ALPN",
+    # Envoy's own text names its internals (no healthy upstream, reset
+    # reasons), so the client gets these instead.
+    500: "internal error at the edge: retry, and report the X-Request-ID "
+    "of the response if it persists",
+    502: "the service sent an invalid response: retry, and report the "
+    "X-Request-ID of the response if it persists",
+    503: "the service is unavailable: retry shortly",
+    504: "the service did not respond in time: retry shortly",
     431: "request headers too large: send at most 100 headers of at most "
     "32 KiB in total",
 }
+
+
+# The message of a reply when the auth service cannot be reached or
+# cannot reach PostgreSQL.
+AUTH_UNAVAILABLE_MESSAGE = "authorization is unavailable: retry shortly"
+# Messages of requests that match no route, whose replies Envoy leaves
+# empty.
+NO_ROUTE_MESSAGE = (
+    "no API method at this path and HTTP method: the API reference is "
+    "at /v1/openapi.json"
+)
+NO_ROUTE_GRPC_MESSAGE = (
+    "unknown gRPC service or method: call a method that the API's protos "
+    "declare"
+)
 
 
 @dataclass(frozen=True)
@@ -159,8 +188,9 @@ class EdgeSettings:
     # Envoy's Prometheus stats, at /metrics and /stats/prometheus; None
     # serves none. The admin interface itself stays on 127.0.0.1.
     metrics_port: int | None = None
-    # Open downstream connections beyond which Envoy closes new ones.
-    max_connections: int = 25_000
+    # Open downstream connections beyond which Envoy closes new ones. Keep
+    # it below Envoy's open-file limit (edge_guards.connection_limit).
+    max_connections: int = edge_guards.MAX_CONNECTIONS
     # Heap size in bytes that Envoy's overload manager measures pressure
     # against; keep it below the memory limit of Envoy's container.
     max_heap_bytes: int = 1024 * 1024 * 1024
@@ -192,14 +222,29 @@ def _error_format(code: int, request_id: str = "%REQ(X-REQUEST-ID)%") -> dict:
     }
 
 
-# Envoy rejects some requests before their headers are complete (431, 426,
-# malformed HTTP/1, the request headers timeout), so they have no request
-# id. Their replies get a fresh one, the same in the header and the body.
-# NOTE: the overload manager's 503 comes after the headers but before the
-# edge replaces a client's X-Request-ID, so it carries the client's id.
+# Dynamic metadata namespace of what the header_to_metadata filter records
+# for the access log: the edge's request id and the grpc-status a service
+# sent, which the REST routes strip from the response.
+EDGE_METADATA = "arxio.edge"
+
+# Envoy rejects some requests before it replaces a client's X-Request-ID
+# with its own. Its HTTP codec rejects some (431, 426, malformed HTTP/1,
+# the request headers timeout). Others lack a Host header, have a path
+# that is not absolute (`OPTIONS *`), or meet the overload manager's 503.
+# The filter chain never decodes these requests, so the header_to_metadata
+# filter has not recorded the edge's id. Their replies get a fresh id, the
+# same in the header and the body, so that a client never picks a reply's
+# id.
 _NO_REQUEST_ID = {
-    "header_filter": {
-        "header": {"name": "x-request-id", "present_match": False}
+    "metadata_filter": {
+        "matcher": {
+            "filter": EDGE_METADATA,
+            "path": [{"key": "request_id"}],
+            # Set values never match null_match, so only an unset key
+            # passes, through match_if_key_not_found.
+            "value": {"null_match": {}},
+        },
+        "match_if_key_not_found": True,
     }
 }
 _FRESH_REQUEST_ID = {
@@ -260,35 +305,232 @@ def _status_filter(status: int, op: str = "EQ") -> dict:
     }
 
 
-def local_reply_config() -> dict:
-    """Turn Envoy's plain-text errors into `google.rpc.Status` JSON."""
-    unavailable = _error_format(14)
-    unavailable["json_format"]["message"] = (
-        "authorization is unavailable: retry shortly"
-    )
+# Envoy sends a local reply to a gRPC request (content type
+# application/grpc, application/grpc+proto and the like, but not gRPC-Web)
+# as HTTP 200 with grpc-status from the HTTP status and the reply's body
+# as grpc-message. The transcoder sets application/grpc on REST requests
+# too, so the mappers read the content type that the header_mutation
+# filter recorded from the client. A reply sent before that filter ran
+# has only the client's own header.
+_GRPC_CONTENT_TYPE = {"safe_regex": {"regex": r"^application/grpc([+;].*)?$"}}
+_GRPC_REQUEST = {
+    "or_filter": {
+        "filters": [
+            {
+                "header_filter": {
+                    "header": {
+                        "name": ORIGINAL_CONTENT_TYPE_HEADER,
+                        "string_match": _GRPC_CONTENT_TYPE,
+                    }
+                }
+            },
+            {
+                "and_filter": {
+                    "filters": [
+                        {
+                            "header_filter": {
+                                "header": {
+                                    "name": ORIGINAL_METHOD_HEADER,
+                                    "present_match": False,
+                                }
+                            }
+                        },
+                        {
+                            "header_filter": {
+                                "header": {
+                                    "name": "content-type",
+                                    "string_match": _GRPC_CONTENT_TYPE,
+                                }
+                            }
+                        },
+                    ]
+                }
+            },
+        ]
+    }
+}
+_NO_ROUTE = {"response_flag_filter": {"flags": ["NR"]}}
+_AUTH_REPLY = {"response_flag_filter": {"flags": ["UAEX"]}}
+
+
+def _grpc_mappers(condition: dict, message: str) -> list[dict]:
+    """Return the mappers that give a gRPC caller `message` as plain text.
+
+    `message` may be an Envoy format string such as %LOCAL_REPLY_BODY%. An
+    empty result leaves any grpc-message the reply already carries.
+    """
+    body = {
+        "text_format_source": {"inline_string": message},
+        "content_type": "text/plain",
+    }
+    matched = [_GRPC_REQUEST, condition]
+
+    return [
+        {
+            "filter": {"and_filter": {"filters": [*matched, _NO_REQUEST_ID]}},
+            "headers_to_add": [*_security_headers(), _FRESH_REQUEST_ID],
+            "body_format_override": body,
+        },
+        {
+            "filter": {"and_filter": {"filters": matched}},
+            "headers_to_add": _security_headers(),
+            "body_format_override": body,
+        },
+    ]
+
+
+def _grpc_reply_mappers() -> list[dict]:
+    """Return the mappers of replies to gRPC requests, which come first.
+
+    A JSON body would reach a gRPC client as its message text, so these
+    replies get a plain message instead. The request id is in the
+    x-request-id header.
+    """
     mappers = [
+        *_grpc_mappers(
+            {"and_filter": {"filters": [_status_filter(503), _AUTH_REPLY]}},
+            AUTH_UNAVAILABLE_MESSAGE,
+        ),
+        # The auth service's gRPC denials carry grpc-status and
+        # grpc-message, and an empty body that keeps them.
+        *_grpc_mappers(_AUTH_REPLY, "%LOCAL_REPLY_BODY%"),
+        *_grpc_mappers(_NO_ROUTE, NO_ROUTE_GRPC_MESSAGE),
+    ]
+    for status, message in LOCAL_REPLY_MESSAGES.items():
+        mappers += _grpc_mappers(_status_filter(status), message)
+    mappers += _grpc_mappers(_status_filter(400, "GE"), "%LOCAL_REPLY_BODY%")
+
+    return mappers
+
+
+# Local replies of the JSON transcoder, whose text quotes the request: the
+# body around a JSON syntax error, or a query parameter's value.
+_TRANSCODER_FAILURE = {
+    "extension_filter": {
+        "name": "envoy.access_loggers.extension_filters.cel",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers"
+            ".filters.cel.v3.ExpressionFilter",
+            # grpc_json_transcode_failure{CODE}, with an early_ prefix when
+            # the headers (path, query string) failed.
+            "expression": "response.code_details.contains("
+            "'grpc_json_transcode_failure')",
+        },
+    }
+}
+TRANSCODER_FAILURE_MESSAGE = (
+    "invalid request: a query parameter is unknown, or a parameter or the "
+    "body does not fit its field's type. The API reference at "
+    "/v1/openapi.json lists each method's fields and their types"
+)
+# Envoy's HTTP/1 codec rejects a Transfer-Encoding other than chunked, such
+# as "gzip, chunked", with 501, although the request is what is wrong.
+_UNSUPPORTED_TRANSFER_ENCODING = {
+    "extension_filter": {
+        "name": "envoy.access_loggers.extension_filters.cel",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers"
+            ".filters.cel.v3.ExpressionFilter",
+            "expression": "response.code_details == "
+            "'http1.invalid_transfer_encoding'",
+        },
+    }
+}
+UNSUPPORTED_TRANSFER_ENCODING_MESSAGE = (
+    "unsupported Transfer-Encoding: send the body with Content-Length or "
+    "with Transfer-Encoding: chunked alone"
+)
+
+
+# ext_authz rejects its own result with 500 when the identity headers it
+# adds take a request past max_request_headers_kb or max_headers_count: the
+# client sent headers just under the limits.
+_HEADERS_OVERFLOWED = {
+    "extension_filter": {
+        "name": "envoy.access_loggers.extension_filters.cel",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers"
+            ".filters.cel.v3.ExpressionFilter",
+            "expression": "response.code_details == 'ext_authz_invalid'",
+        },
+    }
+}
+
+
+def _header_overflow_mappers() -> list[dict]:
+    """Return the mappers that turn that 500 into the 431 it stands for."""
+    message = LOCAL_REPLY_MESSAGES[431]
+    mappers = [
+        *_grpc_mappers(_HEADERS_OVERFLOWED, message),
+        *_error_mappers(_HEADERS_OVERFLOWED, LOCAL_REPLY_CODES[431], message),
+    ]
+    for mapper in mappers:
+        mapper["status_code"] = 431
+
+    return mappers
+
+
+def _input_error_mappers() -> list[dict]:
+    """Return the mappers that replace Envoy's text on bad input.
+
+    The transcoder's messages quote request text, which may be patient
+    data; the codec's 501 for a Transfer-Encoding becomes a 400.
+    """
+    transcoder = _error_mappers(
+        {
+            "and_filter": {
+                "filters": [_status_filter(400), _TRANSCODER_FAILURE]
+            }
+        },
+        3,
+        TRANSCODER_FAILURE_MESSAGE,
+    )
+    transfer_encoding = _error_mappers(
+        _UNSUPPORTED_TRANSFER_ENCODING,
+        3,
+        UNSUPPORTED_TRANSFER_ENCODING_MESSAGE,
+    )
+    for mapper in transfer_encoding:
+        mapper["status_code"] = 400
+
+    return transcoder + transfer_encoding
+
+
+def local_reply_config() -> dict:
+    """Turn Envoy's plain-text errors into `google.rpc.Status` JSON.
+
+    gRPC callers get a plain grpc-message instead (see
+    `_grpc_reply_mappers`).
+    """
+    unavailable = _error_format(14)
+    unavailable["json_format"]["message"] = AUTH_UNAVAILABLE_MESSAGE
+    mappers = [
+        *_header_overflow_mappers(),
+        *_grpc_reply_mappers(),
         # ext_authz could not reach the auth service: fail closed, in JSON.
         {
             "filter": {
-                "and_filter": {
-                    "filters": [
-                        _status_filter(503),
-                        {"response_flag_filter": {"flags": ["UAEX"]}},
-                    ]
-                }
+                "and_filter": {"filters": [_status_filter(503), _AUTH_REPLY]}
             },
             "headers_to_add": _security_headers(),
             "body_format_override": unavailable,
         },
         # The auth service's own denials already carry their JSON body.
         {
-            "filter": {"response_flag_filter": {"flags": ["UAEX"]}},
+            "filter": _AUTH_REPLY,
             "headers_to_add": _security_headers(),
             "body_format_override": {
                 "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
                 "content_type": "application/json",
             },
         },
+        # No route matched; Envoy's reply has no text of its own.
+        *_error_mappers(
+            {"and_filter": {"filters": [_status_filter(404), _NO_ROUTE]}},
+            5,
+            NO_ROUTE_MESSAGE,
+        ),
+        *_input_error_mappers(),
     ]
     for status, code in LOCAL_REPLY_CODES.items():
         mappers += _error_mappers(
@@ -302,25 +544,79 @@ def local_reply_config() -> dict:
 
 
 # One JSON object per request: what the audit ingester reads. Only ids,
-# the route without its query string, and the outcome: no other header,
-# no query and no body, so no PHI and no key is ever written.
+# the name of the route the request matched and the outcome: no path, no
+# query string, no other header and no body, so nothing a client typed
+# into the URL, no PHI and no key is ever written.
+#
+# Every value that a request can make long is cut to the length after its
+# colon, so that no line exceeds the ingester's limit (MAX_LINE_BYTES in
+# services/audit/ingest.py, checked by tests/audit/test_access_log.py).
+_AUTH_METADATA = "envoy.filters.http.ext_authz"
 ACCESS_LOG_FORMAT = {
     "time": "%START_TIME(%Y-%m-%dT%H:%M:%S.%6fZ)%",
-    "request_id": "%REQ(X-REQUEST-ID)%",
-    "method": f"%REQ({ORIGINAL_METHOD_HEADER.upper()}?:METHOD)%",
-    "path": "%REQ_WITHOUT_QUERY(X-ENVOY-ORIGINAL-PATH?:PATH)%",
-    "content_type": f"%REQ({ORIGINAL_CONTENT_TYPE_HEADER.upper()})%",
+    # The edge's id, as the filter chain saw it. Unset when Envoy rejected
+    # the request before it replaced a client's X-Request-ID.
+    "request_id": f"%DYNAMIC_METADATA({EDGE_METADATA}:request_id):64%",
+    # The X-Request-ID the client received: the edge's id, or the fresh
+    # one a local reply mapper gave a request rejected that early.
+    "reply_request_id": "%RESP(X-REQUEST-ID):64%",
+    "method": f"%REQ({ORIGINAL_METHOD_HEADER.upper()}?:METHOD):32%",
+    # `<action>`, `<action>.grpc`, a guard's name, or "-" when no route
+    # matched (see services/common/methods.py).
+    "route": "%ROUTE_NAME%",
+    "content_type": (
+        f"%REQ({ORIGINAL_CONTENT_TYPE_HEADER.upper()})"
+        f":{MAX_ORIGINAL_CONTENT_TYPE_LENGTH}%"
+    ),
     "status": "%RESPONSE_CODE%",
+    # What a gRPC caller got, from grpc-status. For other requests Envoy
+    # derives it from the HTTP status, which may differ from the code in a
+    # REST caller's JSON error.
     "grpc_status": "%GRPC_STATUS_NUMBER%",
+    # The grpc-status a service sent, which the transcoder put in a REST
+    # caller's JSON error as its code.
+    "service_grpc_status": (
+        f"%DYNAMIC_METADATA({EDGE_METADATA}:grpc_status):8%"
+    ),
+    # The code of the auth decision's denial, set only on a denial.
+    "auth_grpc_status": (
+        f"%DYNAMIC_METADATA({_AUTH_METADATA}:grpc_status):8%"
+    ),
     "duration_ms": "%DURATION%",
     "client": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
-    "org_id": "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:org_id)%",
-    "key_id": "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:key_id)%",
-    "action": "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:action)%",
+    "org_id": f"%DYNAMIC_METADATA({_AUTH_METADATA}:org_id):64%",
+    "key_id": f"%DYNAMIC_METADATA({_AUTH_METADATA}:key_id):64%",
+    "action": f"%DYNAMIC_METADATA({_AUTH_METADATA}:action):128%",
     "resource_type": (
-        "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:resource_type)%"
+        f"%DYNAMIC_METADATA({_AUTH_METADATA}:resource_type):128%"
     ),
 }
+
+
+def _metadata_rule(header: str, key: str) -> dict:
+    return {
+        "header": header,
+        "on_header_present": {
+            "metadata_namespace": EDGE_METADATA,
+            "key": key,
+            "type": "STRING",
+        },
+        "remove": False,
+    }
+
+
+def edge_metadata_rules() -> dict:
+    """Return the header_to_metadata rules that feed the access log.
+
+    The filter runs right after header_mutation. On a request, so it runs
+    only once Envoy has replaced a client's X-Request-ID, it records the
+    edge's id. On a response it runs before header_mutation removes
+    grpc-status on the REST routes, and records the service's code.
+    """
+    return {
+        "request_rules": [_metadata_rule("x-request-id", "request_id")],
+        "response_rules": [_metadata_rule("grpc-status", "grpc_status")],
+    }
 
 
 def access_log(path: Path) -> list[dict]:
@@ -331,21 +627,7 @@ def access_log(path: Path) -> list[dict]:
                 "@type": "type.googleapis.com/envoy.extensions.access_loggers"
                 ".file.v3.FileAccessLog",
                 "path": str(path),
-                "log_format": {
-                    "json_format": ACCESS_LOG_FORMAT,
-                    # Provides REQ_WITHOUT_QUERY: a credential a client put
-                    # in the query string never reaches the file.
-                    "formatters": [
-                        {
-                            "name": "envoy.formatter.req_without_query",
-                            "typed_config": {
-                                "@type": "type.googleapis.com/envoy"
-                                ".extensions.formatter.req_without_query"
-                                ".v3.ReqWithoutQuery"
-                            },
-                        }
-                    ],
-                },
+                "log_format": {"json_format": ACCESS_LOG_FORMAT},
             },
         }
     ]
@@ -371,9 +653,25 @@ def _json_route(method: methods.Method, cluster: str) -> dict:
                 "@type": "type.googleapis.com/envoy.extensions.filters.http"
                 ".header_mutation.v3.HeaderMutationPerRoute",
                 "mutations": {
+                    # gRPC metadata a REST client has no use for, and
+                    # whose invalid values would make the service fail
+                    # with INTERNAL: grpc-timeout, grpc-encoding, binary
+                    # headers that are not base64.
+                    "request_mutations": [
+                        {
+                            "remove_on_match": {
+                                "key_matcher": {"prefix": "grpc-"}
+                            }
+                        },
+                        {
+                            "remove_on_match": {
+                                "key_matcher": {"suffix": "-bin"}
+                            }
+                        },
+                    ],
                     "response_mutations": [
                         {"remove": name} for name in GRPC_RESPONSE_HEADERS
-                    ]
+                    ],
                 },
             }
         },
@@ -436,8 +734,13 @@ def _cds_hooks_route(route: dict) -> None:
 
 
 def routes() -> list[dict]:
-    """Return one route per REST binding and one per gRPC service."""
+    """Return one route per REST binding and per gRPC method.
+
+    Each is named after its RPC, which is what the access log records. A
+    route per gRPC service follows, for methods the service does not have.
+    """
     json_routes = []
+    grpc_routes = []
     grpc_services: dict[str, str] = {}
     for method in methods.public_methods():
         cluster = method.action.split(".", 1)[0]
@@ -448,10 +751,19 @@ def routes() -> list[dict]:
                 _verify_signature_in_service(route)
             if method.authentication == methods.Authentication.CDS_HOOKS:
                 _cds_hooks_route(route)
+            if not method.http.body:
+                edge_guards.reject_request_body(route)
             json_routes.append(route)
+        grpc_routes.append(
+            {
+                "name": methods.grpc_route_name(method),
+                "match": {"path": method.grpc_path, "grpc": {}},
+                "route": {"cluster": cluster, "timeout": "60s"},
+            }
+        )
         service = method.grpc_path.rsplit("/", 1)[0] + "/"
         grpc_services[service] = cluster
-    grpc_routes = [
+    unknown_method_routes = [
         {
             "name": f"grpc{prefix.rstrip('/')}",
             "match": {"prefix": prefix, "grpc": {}},
@@ -460,7 +772,7 @@ def routes() -> list[dict]:
         for prefix, cluster in grpc_services.items()
     ]
 
-    return json_routes + grpc_routes
+    return json_routes + grpc_routes + unknown_method_routes
 
 
 def transcoded_services() -> list[str]:
@@ -585,11 +897,14 @@ def metrics_listener(settings: EdgeSettings) -> dict:
         ".http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "metrics",
         "codec_type": "AUTO",
+        # No server header of Envoy's own; the admin's is removed.
+        "server_header_transformation": "PASS_THROUGH",
         "route_config": {
             "name": "metrics",
             "virtual_hosts": [
                 {"name": "metrics", "domains": ["*"], "routes": routes}
             ],
+            "response_headers_to_remove": list(INTERNAL_RESPONSE_HEADERS),
         },
         "http_filters": [
             {
@@ -652,6 +967,13 @@ def admin_cluster(admin_port: int) -> dict:
     }
 
 
+# Response headers a browser script of an allowed origin may read.
+EXPOSED_HEADERS = (
+    "x-request-id, x-ratelimit-limit, x-ratelimit-remaining, "
+    "x-ratelimit-reset, retry-after"
+)
+
+
 def _cors_policy(origins: tuple[str, ...]) -> dict:
     return {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3"
@@ -659,10 +981,65 @@ def _cors_policy(origins: tuple[str, ...]) -> dict:
         "allow_origin_string_match": [{"exact": origin} for origin in origins],
         "allow_methods": "GET, POST, DELETE, OPTIONS",
         "allow_headers": "content-type, x-api-key, authorization",
-        "expose_headers": "x-request-id, x-ratelimit-limit, "
-        "x-ratelimit-remaining, x-ratelimit-reset, retry-after",
+        "expose_headers": EXPOSED_HEADERS,
         "max_age": "600",
     }
+
+
+def _allowed_origin_filter(origins: tuple[str, ...]) -> dict:
+    """Return an access log filter of requests from an allowed origin."""
+    matches = [
+        {
+            "header_filter": {
+                "header": {"name": "origin", "string_match": {"exact": origin}}
+            }
+        }
+        for origin in origins
+    ]
+    if len(matches) == 1:
+        return matches[0]
+
+    return {"or_filter": {"filters": matches}}
+
+
+def _with_cors_headers(
+    mappers: list[dict], origins: tuple[str, ...]
+) -> list[dict]:
+    """Give Envoy's own replies to an allowed origin their CORS headers.
+
+    The CORS filter adds them only to replies that pass through it: not to
+    the body limit's 413, which comes before it, nor to direct responses
+    (415, guard 400s, the API description) or the 404 of an unmatched
+    path. Each mapper gets a copy for allowed origins, placed before it,
+    that adds them, and every mapper adds `Vary: Origin`. The last mapper
+    covers replies below 400, which keep their body.
+    """
+    allowed = _allowed_origin_filter(origins)
+    vary = _header_option("vary", "origin")
+    cors = [
+        _header_option("access-control-allow-origin", "%REQ(ORIGIN)%"),
+        _header_option("access-control-expose-headers", EXPOSED_HEADERS),
+    ]
+    result = []
+    for mapper in mappers:
+        from_origin = {
+            **mapper,
+            "filter": {"and_filter": {"filters": [mapper["filter"], allowed]}},
+            "headers_to_add": [*mapper.get("headers_to_add", []), vary, *cors],
+        }
+        plain = {
+            **mapper,
+            "headers_to_add": [*mapper.get("headers_to_add", []), vary],
+        }
+        result += [from_origin, plain]
+    result.append(
+        {
+            "filter": allowed,
+            "headers_to_add": [*_security_headers(), vary, *cors],
+        }
+    )
+
+    return result
 
 
 def render(settings: EdgeSettings) -> dict:
@@ -695,6 +1072,7 @@ def render(settings: EdgeSettings) -> dict:
         # take. The OPTIONS route comes last.
         "routes": [
             edge_guards.api_description_route(),
+            edge_guards.grpc_encoding_route(),
             *edge_guards.guard_routes(),
             *routes(),
             edge_guards.options_route("auth"),
@@ -706,6 +1084,9 @@ def render(settings: EdgeSettings) -> dict:
         virtual_host["typed_per_filter_config"] = {
             "envoy.filters.http.cors": _cors_policy(settings.cors_origins)
         }
+        manager["local_reply_config"]["mappers"] = _with_cors_headers(
+            manager["local_reply_config"]["mappers"], settings.cors_origins
+        )
     manager["route_config"] = {
         "name": "api",
         "virtual_hosts": [virtual_host],
@@ -727,13 +1108,23 @@ def render(settings: EdgeSettings) -> dict:
     # after the trusted proxy hops (xff_num_trusted_hops), which the
     # DOWNSTREAM_REMOTE_ADDRESS operator gives; a client-sent copy of the
     # header is overwritten.
+    # A client's own copy of each header is removed first, so that none
+    # survives where the edge's value formats empty.
     mutations["mutations"]["request_mutations"] = [
+        {"remove": name}
+        for name in (
+            ORIGINAL_METHOD_HEADER,
+            ORIGINAL_CONTENT_TYPE_HEADER,
+            CLIENT_ADDRESS_HEADER,
+        )
+    ] + [
         {"append": _header_option(ORIGINAL_METHOD_HEADER, "%REQ(:METHOD)%")},
         # The transcoder changes a REST request's content type to gRPC; the
         # audit trail tells native gRPC calls apart by the original one.
         {
             "append": _header_option(
-                ORIGINAL_CONTENT_TYPE_HEADER, "%REQ(CONTENT-TYPE)%"
+                ORIGINAL_CONTENT_TYPE_HEADER,
+                f"%REQ(CONTENT-TYPE):{MAX_ORIGINAL_CONTENT_TYPE_LENGTH}%",
             )
         },
         {
@@ -747,6 +1138,27 @@ def render(settings: EdgeSettings) -> dict:
         {"append": _header_option(name, value)}
         for name, value in SECURITY_HEADERS.items()
     ] + [{"remove": name} for name in INTERNAL_RESPONSE_HEADERS]
+    # The edge's request id, unless a local reply mapper gave the reply a
+    # fresh one (see _NO_REQUEST_ID). Envoy's own copy, which the template
+    # turns off (always_set_request_id_in_response), would overwrite that
+    # fresh id with a client's.
+    mutations["mutations"]["response_mutations"].append(
+        {
+            "append": {
+                "header": {
+                    "key": "x-request-id",
+                    "value": "%REQ(X-REQUEST-ID)%",
+                },
+                "append_action": "ADD_IF_ABSENT",
+            }
+        }
+    )
+    if settings.cors_origins:
+        mutations["mutations"]["response_mutations"].append(
+            {"append": _header_option("vary", "origin")}
+        )
+    recorder = filters["envoy.filters.http.header_to_metadata"]
+    recorder["typed_config"] |= edge_metadata_rules()
     transcoder = filters["envoy.filters.http.grpc_json_transcoder"]
     transcoder["typed_config"]["services"] = transcoded_services()
     resources["clusters"] = [

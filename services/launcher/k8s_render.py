@@ -5,9 +5,10 @@
 The cluster config comes from `envoy_config.render`, the function and
 template (envoy/envoy.yaml.tmpl) that `make run` uses, with the cluster's
 settings: Service names resolved by DNS, certificates from Secrets, the
-access log on the volume that the audit ingester shares. It adds one
-listener for the kubelet's probes. The output is k8s/base/config/envoy.yaml,
-which kustomize turns into the ConfigMap that Envoy's pod mounts.
+access log on the volume that the audit ingester shares, Prometheus stats
+on METRICS_PORT. It adds one listener for the kubelet's probes. The output
+is k8s/base/config/envoy.yaml, which kustomize turns into the ConfigMap
+that Envoy's pod mounts.
 """
 
 import argparse
@@ -34,6 +35,9 @@ ADMIN_PORT = 9901
 # Plain HTTP listener for the kubelet's readiness probe, never exposed by
 # a Service.
 PROBE_PORT = 8081
+# Plain HTTP listener that serves only Envoy's Prometheus stats, the
+# container port `metrics` of k8s/base/envoy.yaml.
+METRICS_PORT = 9090
 READY_PATH = "/ready"
 # Heap size that Envoy's overload manager measures pressure against: below
 # the 1 GiB memory limit of Envoy's container (k8s/base/envoy.yaml), which
@@ -72,6 +76,7 @@ def cluster_settings(
         trusted_hops=trusted_hops,
         cors_origins=tuple(cors_origins),
         access_log_path=ACCESS_LOG,
+        metrics_port=METRICS_PORT,
         max_heap_bytes=MAX_HEAP_BYTES,
     )
 

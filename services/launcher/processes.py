@@ -1,6 +1,7 @@
 """Start, watch and stop the suite's child processes."""
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -13,6 +14,28 @@ from typing import IO
 import structlog
 
 log = structlog.get_logger()
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit.
+
+    Children started afterwards inherit the limit, which Envoy needs for
+    one descriptor per client connection. Returns the soft limit in force.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as error:
+            log.warning(
+                "process.open_file_limit_unchanged",
+                soft=soft,
+                hard=hard,
+                error=str(error),
+            )
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+    return soft
 
 
 def free_port(host: str = "127.0.0.1") -> int:

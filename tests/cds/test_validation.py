@@ -276,13 +276,33 @@ class TestValidateRequest:
         ] == _fields(request)
 
     def test_descriptions_explain_the_limit(self):
-        """Each description gives the limit and the value received."""
+        """Each description gives the limit, never the value received."""
         request = cds_pb2.ClinicalReviewRequest(
             patient=cds_pb2.Patient(age_years=131)
         )
 
         [violation] = validate_request(request)
-        assert "must be 0 to 130 years, got 131" == violation.description
+        assert "must be 0 to 130 years" == violation.description
+
+    def test_descriptions_never_quote_values(self):
+        """Out-of-range numbers are patient data: no message repeats them."""
+        request = cds_pb2.ClinicalReviewRequest(
+            patient=cds_pb2.Patient(
+                age_years=4321, weight_kg=8765.5, egfr=987.25, sex=77
+            ),
+            medications=[
+                cds_pb2.Medication(
+                    name="warfarin", dose=cds_pb2.Dose(value=-6543.5)
+                )
+            ],
+            allergies=[cds_pb2.Allergy(substance="latex", severity=55)],
+        )
+
+        descriptions = [v.description for v in validate_request(request)]
+
+        assert 6 == len(descriptions)
+        for value in ("4321", "8765", "987", "77", "6543", "55"):
+            assert not [text for text in descriptions if value in text], value
 
 
 def _messages(fields: dict) -> dict:

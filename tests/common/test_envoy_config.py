@@ -1,10 +1,15 @@
 """The rendered Envoy configuration, checked by Envoy itself."""
 
+import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-from services.common import methods
+import pytest
+
+from services.common import methods, server, strict_body
+from services.launcher import edge_guards, envoy_config
 from services.launcher.envoy_config import (
     SECURITY_HEADERS,
     UPSTREAMS,
@@ -64,6 +69,7 @@ class TestRenderedConfig:
 
         assert [
             "envoy.filters.http.header_mutation",
+            "envoy.filters.http.header_to_metadata",
             "envoy.filters.http.buffer",
             "envoy.filters.http.cors",
             "envoy.filters.http.ext_authz",
@@ -100,3 +106,159 @@ class TestRenderedConfig:
 
         assert "includeSubDomains" in value
         assert int(value.split(";")[0].split("=")[1]) >= 31536000
+
+
+def routes_of(config: dict) -> list[dict]:
+    listener = config["static_resources"]["listeners"][0]
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+
+    return manager["route_config"]["virtual_hosts"][0]["routes"]
+
+
+class TestServiceLimits:
+    def test_metadata_limit_above_edge_header_limit(self):
+        """A service takes all the headers the edge admits, with the edge's
+        and the auth decision's own added."""
+        template = envoy_config.TEMPLATE.read_text()
+        edge_kib = int(
+            re.search(r"max_request_headers_kb: (\d+)", template)[1]
+        )
+
+        assert server.MAX_METADATA_BYTES >= (
+            edge_kib * 1024
+            + envoy_config.MAX_ORIGINAL_CONTENT_TYPE_LENGTH
+            + 16 * 1024
+        )
+
+    def test_message_limit_fits_largest_body(self):
+        largest = max(
+            envoy_config.CDS_HOOKS_MAX_REQUEST_BYTES,
+            envoy_config.WEBHOOK_MAX_REQUEST_BYTES,
+            envoy_config.MAX_REQUEST_BYTES,
+        )
+
+        assert largest < server.MAX_RECEIVE_MESSAGE_BYTES < 4 * 1024 * 1024
+
+    def test_decompressed_limit_is_body_limit(self):
+        assert envoy_config.MAX_REQUEST_BYTES == strict_body.MAX_MESSAGE_BYTES
+
+    def test_list_limit_covers_service_limits(self):
+        from services.auth.admin import MAX_ALLOWLIST_RANGES
+        from services.cds.validation import MAX_ITEMS
+
+        assert MAX_ITEMS <= strict_body.MAX_REPEATED_ITEMS
+        assert MAX_ALLOWLIST_RANGES <= strict_body.MAX_REPEATED_ITEMS
+
+
+class TestConnectionLimit:
+    @pytest.mark.parametrize(
+        ("open_files", "expected"),
+        [(20_000, 18_976), (1_048_576, 25_000), (1_024, 512), (1, 1)],
+    )
+    def test_sized_from_open_files(self, open_files, expected):
+        assert expected == edge_guards.connection_limit(open_files)
+
+    def test_open_file_limit_raised_to_hard(self):
+        """The launcher raises its soft limit, which Envoy inherits."""
+        script = (
+            "import resource\n"
+            "from services.launcher.processes import raise_open_file_limit\n"
+            "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+            "print(raise_open_file_limit(), hard)\n"
+        )
+        completed = subprocess.run(
+            [sys.executable, "-c", script],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        raised, hard = completed.stdout.split()
+
+        assert hard == raised
+
+
+class TestGuardRoutes:
+    @staticmethod
+    def repeated_guard(path: str) -> dict | None:
+        for route in routes_of(render(settings(REPO_ROOT / ".run" / "certs"))):
+            if (
+                route["name"]
+                != "audit.list_audit_events.repeated_query_rejected"
+            ):
+                continue
+            [matcher] = [
+                header
+                for header in route["match"]["headers"]
+                if header["name"] == ":path"
+            ]
+            regex = matcher["string_match"]["safe_regex"]["regex"]
+            if re.fullmatch(regex, path):
+                return route
+
+        return None
+
+    @pytest.mark.parametrize(
+        "path",
+        [
+            "/v1/audit?pageSize=1&pageSize=2",
+            "/v1/audit?page_size=1&pageSize=2",
+            "/v1/audit?a=1&pageSize=1&b=2&pageSize=3&c",
+            "/v1/audit?pageSize&pageSize",
+        ],
+    )
+    def test_repeated_parameter_matched(self, path):
+        assert self.repeated_guard(path) is not None
+
+    @pytest.mark.parametrize(
+        "path",
+        [
+            "/v1/audit?pageSize=1&pageToken=2",
+            "/v1/audit?xpageSize=1&pageSize=2",
+            "/v1/audit?pageSize=1&action=pageSize",
+            "/v1/audit",
+        ],
+    )
+    def test_distinct_parameters_pass(self, path):
+        assert self.repeated_guard(path) is None
+
+    def test_methods_without_body_check_for_one(self):
+        """Every JSON route of a method without a body runs the Lua check."""
+        config = render(settings(REPO_ROOT / ".run" / "certs"))
+        by_name = {route["name"]: route for route in routes_of(config)}
+
+        for method in methods.public_methods():
+            if method.http is None or method.http.body:
+                continue
+            route = by_name[method.action]
+            lua = route["typed_per_filter_config"]["envoy.filters.http.lua"]
+            source = lua["source_code"]["inline_string"]
+            assert "takes no request body" in source, method.action
+
+
+class TestCorsReplies:
+    def test_local_replies_get_cors_for_allowed_origin(self):
+        edge = dataclasses.replace(
+            settings(REPO_ROOT / ".run" / "certs"),
+            cors_origins=("https://a.example", "https://b.example"),
+        )
+        listener = render(edge)["static_resources"]["listeners"][0]
+        manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        mappers = manager["local_reply_config"]["mappers"]
+
+        with_cors = [
+            mapper
+            for mapper in mappers
+            if any(
+                header["header"]["key"] == "access-control-allow-origin"
+                for header in mapper["headers_to_add"]
+            )
+        ]
+        assert len(mappers) == 2 * len(with_cors) - 1
+        for mapper in mappers:
+            keys = [
+                header["header"]["key"] for header in mapper["headers_to_add"]
+            ]
+            assert "vary" in keys

@@ -204,6 +204,26 @@ class TestDailyQuota:
         assert "99" == bad.headers["x-ratelimit-remaining"]
         assert "98" == good.headers["x-ratelimit-remaining"]
 
+    def test_over_quota_wins_over_request_errors(self, edge, new_org):
+        """At the limit, a bad body or a missing scope also gets 429."""
+        org = new_org()
+        headers = {"x-api-key": org.api_key}
+        review_only = edge.request(
+            "POST", "/v1/keys", {"scopes": ["CLINICAL_REVIEW"]}, headers
+        ).json()["apiKey"]
+        for _ in range(99):
+            edge.request("POST", REVIEW_PATH, RULES_ONLY, headers)
+
+        bad_body = edge.request(
+            "POST", REVIEW_PATH, {"medicationz": []}, headers
+        )
+        no_scope = edge.request(
+            "GET", "/v1/audit", None, {"x-api-key": review_only}
+        )
+
+        assert 429 == bad_body.status
+        assert 429 == no_scope.status
+
     def test_enterprise_is_unlimited(self, edge, new_org):
         """Enterprise responses say the limit is unlimited."""
         org = new_org("enterprise")

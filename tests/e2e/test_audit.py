@@ -81,6 +81,49 @@ class TestCompleteness:
         assert 404 == response.status
         assert "/v1/keys/{key_id}" == row[7]
 
+    def test_url_text_never_stored(self, stack, edge, new_org):
+        """Query string values and path text a client sent reach neither
+        the access-log file nor the audit table: both hold the route."""
+        org = new_org()
+        key = {"x-api-key": org.api_key}
+        sent = {
+            "/v1/audit": edge.request(
+                "GET", "/v1/audit?pageSize=5&zzqname=zzqvalueone", None, key
+            ),
+            "/v1/keys/{key_id}": edge.request(
+                "DELETE", "/v1/keys/zzpathsegment?force=zzqvaluetwo", None, key
+            ),
+            "/v1/cds/clinical-review": edge.request(
+                "POST", f"{REVIEW_PATH}?note=zzqvaluethree", RULES_ONLY, key
+            ),
+            "(unrouted)": edge.request(
+                "GET", "/v1/zzpathunrouted?q=zzqvaluefour", None, key
+            ),
+        }
+        with edge.channel() as channel:
+            unknown = channel.unary_unary(
+                "/arxio.cds.v1.ClinicalDecisionSupportService/ZzPathGrpc"
+            )
+            with pytest.raises(grpc.RpcError) as raised:
+                unknown(b"", metadata=[("x-api-key", org.api_key)], timeout=30)
+        metadata = dict(raised.value.initial_metadata())
+        metadata |= dict(raised.value.trailing_metadata())
+        ids = {
+            endpoint: response.headers["x-request-id"]
+            for endpoint, response in sent.items()
+        }
+
+        rows = stored_rows(stack, [*ids.values(), metadata["x-request-id"]])
+
+        for endpoint, request_id in ids.items():
+            assert endpoint == rows[request_id][7]
+        assert "(unrouted)" == rows[metadata["x-request-id"]][7]
+        stored = repr(rows)
+        log_text = stack.access_log_path.read_text()
+        for marker in ("zzq", "zzpath", "ZzPath"):
+            assert marker not in stored
+            assert marker not in log_text
+
     def test_quota_rejection_has_a_row(self, stack, edge, new_org):
         """A 429 is audited with the organization that hit its limit."""
         org = new_org()

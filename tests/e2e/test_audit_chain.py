@@ -120,6 +120,21 @@ class TestVerification:
         assert 200 == own.status, own.body
         assert own.json()["intact"]
 
+    def test_signed_head_leaves_nothing_unsigned(self, stack, edge, trail):
+        """With a checkpoint at the head, verify reports no unsigned
+        entries, over the CLI and REST."""
+        org, _ = trail
+
+        code, report = cli_verify(stack, org.org_id)
+        own = edge.request(
+            "GET", "/v1/audit:verify", None, {"x-api-key": org.api_key}
+        ).json()
+
+        assert 0 == code, report
+        assert "0" == report["unsignedEntries"]
+        assert "unsignedSince" not in report
+        assert "0" == own["unsignedEntries"]
+
     def test_altered_row_named(self, stack, trail):
         org, request_ids = trail
         tamper(
@@ -169,7 +184,11 @@ class TestVerification:
         assert "checkpoint" in first["message"]
 
     def test_inserted_row_named(self, stack, trail):
-        """A copy of an entry under a new request id repeats its seq."""
+        """A copy of an entry under a new request id repeats its seq.
+
+        The copy is filed a microsecond later: the table rejects a second
+        row with the same chain, seq and record time.
+        """
         org, request_ids = trail
         tamper(
             stack,
@@ -177,7 +196,8 @@ class TestVerification:
             " chain_id, seq, org_id, key_id, action, resource_type, method,"
             " endpoint, status_code, grpc_status, response_time_ms,"
             " request_id || '-copy', client_address, prev_hash, hash,"
-            " ingest_time FROM audit.events WHERE request_id = %s",
+            " ingest_time, record_time + interval '1 microsecond'"
+            " FROM audit.events WHERE request_id = %s",
             request_ids[1],
         )
 
@@ -223,6 +243,40 @@ class TestExport:
 
         assert 3 == completed.returncode
         assert "altered" == json.loads(completed.stdout)["problems"][0]["kind"]
+
+    def test_export_reports_unsigned_tail(
+        self, stack, edge, new_org, tmp_path
+    ):
+        """Without its newer checkpoints, an export verifies but reports
+        the entries after the oldest one as unsigned, since when."""
+        org = new_org()
+        for _ in range(2):
+            stored_rows(stack, send_reviews(edge, org, 3))
+            wait_for_checkpoint_at_head(stack, org.org_id)
+        body = edge.request(
+            "GET", "/v1/audit:export", None, {"x-api-key": org.api_key}
+        ).body.decode()
+        records = [json.loads(line) for line in body.splitlines()]
+        checkpoints = [r for r in records if r["type"] == "checkpoint"]
+        oldest = min(point["seq"] for point in checkpoints)
+        entries = [r for r in records if r["type"] == "entry"]
+        unsigned = [entry for entry in entries if entry["seq"] > oldest]
+        trimmed = [
+            record
+            for record in records
+            if record["type"] != "checkpoint" or record["seq"] == oldest
+        ]
+        export = tmp_path / "trail.ndjson"
+        export.write_text("".join(json.dumps(r) + "\n" for r in trimmed))
+
+        completed = verify_export_offline(stack, export)
+
+        assert 0 == completed.returncode, completed.stdout
+        report = json.loads(completed.stdout)
+        assert oldest <= 3
+        assert len(unsigned) == report["unsignedEntries"]
+        since = min(entry["time"] for entry in unsigned)
+        assert since == report["unsignedSince"]
 
 
 class TestQueries:

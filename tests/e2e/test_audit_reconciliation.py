@@ -72,8 +72,8 @@ def rest_client(
 ):
     """Send reviews, rejected requests and audit reads over REST.
 
-    `free_api_key` belongs to a Free organization, whose daily quota of
-    100 requests runs out during the test, so its later requests get 429.
+    `free_api_key` belongs to a Free organization whose daily quota is
+    used up before the clients start, so its requests get 429.
     """
     key = {"x-api-key": api_key}
     kinds = [
@@ -170,11 +170,24 @@ def wait_for_entries(stack, request_ids: list[str]) -> Counter:
         time.sleep(0.5)
 
 
+def use_up_daily_quota(stack, org_id: str, limit: int) -> None:
+    """Record `limit` requests of today for an organization."""
+    with psycopg.connect(stack.admin_database_url) as connection:
+        connection.execute(
+            "INSERT INTO auth.daily_usage (org_id, day, request_count)"
+            " VALUES (%s, (now() AT TIME ZONE 'UTC')::date, %s)"
+            " ON CONFLICT (org_id, day) DO UPDATE"
+            " SET request_count = excluded.request_count",
+            (org_id, limit),
+        )
+
+
 def test_every_request_has_one_entry(outage_stack):
     stack = outage_stack
     edge = EdgeClient(stack.edge_port, stack.certs_dir / "ca.crt")
     org = Organization(stack, plan="pro")
     free_org = Organization(stack, plan="free")
+    use_up_daily_quota(stack, free_org.org_id, 100)
     outcomes = Outcomes()
     stop = threading.Event()
     rest_arguments = (edge, org.api_key, free_org.api_key, stop, outcomes)

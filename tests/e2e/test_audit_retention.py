@@ -25,8 +25,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from services.audit import chain
 from services.audit.checkpoints import Checkpointer
 from services.audit.ingest import AuditIngester, file_id, read_batch
+from services.audit.servicers import verify_stored_chain
 from services.audit.store import AuditStore
-from services.common import db
+from services.common import db, migrations
 from services.common.migrations import migrate, service_role
 from services.launcher.stack import REPO_ROOT
 from tests.e2e.test_audit import stored_rows
@@ -42,6 +43,8 @@ RULES_ONLY = {
     "options": {"modelReview": False},
 }
 ENTRIES_PER_MONTH = 3
+# The migration that files entries by record_time instead of time.
+RECORD_TIME_MIGRATION = "0006_record_time_partitions.sql"
 
 
 def months_ago(count: int) -> datetime.date:
@@ -63,7 +66,7 @@ def log_line(org_id: str, moment: datetime.datetime) -> str:
             "time": moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
             "request_id": str(uuid.uuid4()),
             "method": "POST",
-            "path": REVIEW_PATH,
+            "route": "cds.clinical_review",
             "content_type": "application/json",
             "status": "200",
             "grpc_status": "0",
@@ -272,14 +275,21 @@ class TestRejection:
             (2 * ENTRIES_PER_MONTH, partition_name(newer)),
         ] == cuts(database.url, org_id)
 
-    def test_lower_seq_in_newer_month_rejected(self, database):
-        """A request that started before midnight and was logged after
-        later ones has a higher seq than entries of the next month."""
+    def test_entry_moved_between_partitions_rejected(self, database):
+        """A row moved into a newer month, out of seq order, keeps its
+        old month from being dropped."""
         org_id = str(uuid.uuid4())
         old, newer = months_ago(18), months_ago(17)
-        ingest(database.url, database.folder, org_id, month_times(newer))
         ingest(database.url, database.folder, org_id, month_times(old))
+        ingest(database.url, database.folder, org_id, month_times(newer))
         close_months(database.url, database.key, [old, newer])
+        with psycopg.connect(database.url) as connection:
+            connection.execute("SET session_replication_role = replica")
+            connection.execute(
+                "UPDATE audit.events SET record_time = %s"
+                " WHERE chain_id = %s AND seq = 1",
+                (month_times(newer)[0], org_id),
+            )
 
         code, report, _ = run_job(database.url, database.public_key)
 
@@ -376,6 +386,237 @@ class TestRejection:
                 connection.execute("DELETE FROM audit.retention_cuts")
 
         assert "audit.retention_cuts is append-only" in str(error.value)
+
+
+def verify_stored(
+    admin_url: str, key: Ed25519PrivateKey, org_id: str
+) -> chain.Verification:
+    """Verify a chain as the audit service does, with its role."""
+
+    async def verify() -> chain.Verification:
+        engine = db.create_engine(
+            db.with_user(admin_url, service_role("audit")), pool_size=1
+        )
+        try:
+            return await verify_stored_chain(
+                AuditStore(db.session_factory(engine)),
+                uuid.UUID(org_id),
+                {chain.public_key_id(key.public_key()): key.public_key()},
+            )
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(verify())
+
+
+def partition_of(admin_url: str, org_id: str, seq: int) -> str:
+    with psycopg.connect(admin_url) as connection:
+        return connection.execute(
+            "SELECT tableoid::regclass::text FROM audit.events"
+            " WHERE chain_id = %s AND seq = %s",
+            (org_id, seq),
+        ).fetchone()[0]
+
+
+def late_entry_time(month: datetime.date) -> datetime.datetime:
+    """Return a moment 5 ms before the month after `month` starts."""
+    following = (month + datetime.timedelta(days=32)).replace(day=1)
+
+    return datetime.datetime.combine(
+        following, datetime.time(), datetime.UTC
+    ) - datetime.timedelta(milliseconds=5)
+
+
+class TestMonthBoundary:
+    def test_late_entry_filed_in_next_month(self, database):
+        """A request that started before a month ended but was stored
+        after one from the next month goes to the next month, so the old
+        month is dropped and the rest of the chain still verifies."""
+        org_id = str(uuid.uuid4())
+        old, kept = months_ago(13), months_ago(12)
+        ingest(database.url, database.folder, org_id, month_times(old))
+        ingest(database.url, database.folder, org_id, month_times(kept))
+        late = late_entry_time(old)
+        ingest(database.url, database.folder, org_id, [late])
+        close_months(database.url, database.key, [old, kept])
+
+        filed_in = partition_of(
+            database.url, org_id, 2 * ENTRIES_PER_MONTH + 1
+        )
+        code, report, _ = run_job(database.url, database.public_key)
+
+        assert f"audit.{partition_name(kept)}" == filed_in
+        assert 0 == code, report
+        assert [partition_name(old)] == [
+            dropped["partition"] for dropped in report["dropped"]
+        ]
+        assert [(ENTRIES_PER_MONTH, partition_name(old))] == cuts(
+            database.url, org_id
+        )
+        result = verify_stored(database.url, database.key, org_id)
+        assert result.intact, result.problems
+        assert ENTRIES_PER_MONTH + 1 == result.first_seq
+        assert 2 * ENTRIES_PER_MONTH + 1 == result.last_seq
+        with psycopg.connect(database.url) as connection:
+            stored_time = connection.execute(
+                "SELECT time FROM audit.events WHERE chain_id = %s"
+                " AND seq = %s",
+                (org_id, 2 * ENTRIES_PER_MONTH + 1),
+            ).fetchone()[0]
+        assert late == stored_time
+
+
+def insert_by_start_time(
+    admin_url: str, key: Ed25519PrivateKey, org_id: str, times: list
+) -> None:
+    """Store a chain as builds before record_time did: filed by `time`,
+    with each month's end signed at its highest seq with an earlier time.
+    """
+    chain_id = uuid.UUID(org_id)
+    previous = chain.GENESIS_HASH
+    entries = []
+    for seq, moment in enumerate(times, start=1):
+        entry = chain.link_entry(
+            event_id=uuid.uuid4(),
+            time=moment,
+            chain_id=chain_id,
+            seq=seq,
+            org_id=org_id,
+            key_id="key_retention",
+            action="cds.clinical_review",
+            resource_type="clinical_review",
+            method="POST",
+            endpoint=REVIEW_PATH,
+            status_code=200,
+            grpc_status=0,
+            response_time_ms=4,
+            request_id=str(uuid.uuid4()),
+            client_address="127.0.0.1",
+            prev_hash=previous,
+        )
+        entries.append(entry)
+        previous = entry.hash
+    months = sorted({moment.date().replace(day=1) for moment in times})
+    with psycopg.connect(admin_url) as connection:
+        for month in months:
+            connection.execute(
+                "SELECT audit.ensure_month_partition(%s)", (month,)
+            )
+        for entry in entries:
+            connection.execute(
+                "INSERT INTO audit.events (event_id, time, chain_id, seq,"
+                " org_id, key_id, action, resource_type, method, endpoint,"
+                " status_code, grpc_status, response_time_ms, request_id,"
+                " client_address, prev_hash, hash) VALUES (%s, %s, %s, %s,"
+                " %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                [getattr(entry, name) for name in entry.hashed_fields()]
+                + [entry.hash],
+            )
+        checkpoints = [
+            chain.sign_checkpoint(
+                key, chain_id, entries[-1].seq, entries[-1].hash, times[-1]
+            )
+        ]
+        for month in months[1:]:
+            start = datetime.datetime.combine(
+                month, datetime.time(), datetime.UTC
+            )
+            last = max(entry.seq for entry in entries if entry.time < start)
+            checkpoints.append(
+                chain.sign_checkpoint(
+                    key,
+                    chain_id,
+                    last,
+                    entries[last - 1].hash,
+                    start,
+                    month_end=month - datetime.timedelta(days=1),
+                )
+            )
+        for point in checkpoints:
+            connection.execute(
+                "INSERT INTO audit.checkpoints (chain_id, seq, hash,"
+                " month_end, issue_time, public_key_id, signature)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                list(point.__dict__.values()),
+            )
+
+
+@pytest.fixture
+def database_before_record_time(monkeypatch):
+    """PostgreSQL migrated up to the last audit migration before
+    record_time, which the test then applies."""
+    original = migrations.migration_files
+
+    def before_record_time(service: str) -> list[Path]:
+        return [
+            path
+            for path in original(service)
+            if not (service == "audit" and path.name >= RECORD_TIME_MIGRATION)
+        ]
+
+    monkeypatch.setattr(migrations, "migration_files", before_record_time)
+    RUN_ROOT.mkdir(exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="test-", dir=RUN_ROOT))
+    folder.chmod(0o755)
+    running = Database(folder)
+    monkeypatch.setattr(migrations, "migration_files", original)
+    yield running
+    running.server.cleanup()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_migration_refiles_late_entry(database_before_record_time):
+    """Rows stored by start time are refiled in chain order. The old
+    month gets a month-end checkpoint at its new last entry, so it is
+    dropped, and the chain still verifies."""
+    database = database_before_record_time
+    org_id = str(uuid.uuid4())
+    old, kept = months_ago(13), months_ago(12)
+    late = late_entry_time(old)
+    times = [*month_times(old), *month_times(kept), late]
+    insert_by_start_time(database.url, database.key, org_id, times)
+    late_seq = len(times)
+    assert f"audit.{partition_name(old)}" == partition_of(
+        database.url, org_id, late_seq
+    )
+
+    later_migrations = [
+        f"audit/{path.name}"
+        for path in migrations.migration_files("audit")
+        if path.name >= RECORD_TIME_MIGRATION
+    ]
+
+    assert later_migrations == migrate(database.url)
+
+    with psycopg.connect(database.url) as connection:
+        rows = connection.execute(
+            "SELECT seq, time, record_time, tableoid::regclass::text"
+            " FROM audit.events WHERE chain_id = %s ORDER BY seq",
+            (org_id,),
+        ).fetchall()
+    assert late_seq == stored_request_ids(database.url)
+    assert list(range(1, late_seq + 1)) == [row[0] for row in rows]
+    assert times == [row[1] for row in rows]
+    assert times[late_seq - 2] == rows[-1][2]
+    assert f"audit.{partition_name(kept)}" == rows[-1][3]
+    close_months(database.url, database.key, [old, kept])
+    code, report, _ = run_job(database.url, database.public_key)
+    assert 0 == code, report
+    assert [(ENTRIES_PER_MONTH, partition_name(old))] == cuts(
+        database.url, org_id
+    )
+    result = verify_stored(database.url, database.key, org_id)
+    assert result.intact, result.problems
+    assert late_seq == result.last_seq
+    # The dropped month's ids are deleted; the kept entries keep theirs.
+    assert late_seq - ENTRIES_PER_MONTH == stored_request_ids(database.url)
+
+
+def stored_request_ids(admin_url: str) -> int:
+    with psycopg.connect(admin_url) as connection:
+        return connection.execute(
+            "SELECT count(*) FROM audit.request_ids"
+        ).fetchone()[0]
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,7 @@ def decisions_by_replica(stack) -> dict[str, int]:
     return {
         name: (stack.run_dir / "logs" / f"{name}.log")
         .read_text()
-        .count('"auth.decision"')
+        .count("/envoy.service.auth.v3.Authorization/Check")
         for name in ("auth", "auth-2")
     }
 

@@ -85,6 +85,16 @@ def test_fails_closed_and_recovers(outage_stack):
     assert 503 == down.status, down.body
     assert 14 == down.json()["code"]
     assert grpc.StatusCode.UNAVAILABLE == grpc_code(outage_stack, org.api_key)
+    # The operator token needs no database, so the operator API is reached
+    # and must answer as unavailable rather than as a failure of its own.
+    operator = edge.request(
+        "GET",
+        "/v1/operator/organizations",
+        None,
+        {"authorization": f"Bearer {outage_stack.operator_token}"},
+    )
+    assert 503 == operator.status, operator.body
+    assert 14 == operator.json()["code"]
     wait_for(lambda: auth_health(outage_stack) == NOT_SERVING, "NOT_SERVING")
 
     outage_stack.start_database()

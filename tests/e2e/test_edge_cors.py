@@ -109,3 +109,57 @@ class TestActualRequests:
 
         assert 200 == response.status
         assert "access-control-allow-origin" not in response.headers
+
+    @pytest.mark.parametrize(
+        ("method", "path", "body", "headers", "status"),
+        [
+            (
+                "POST",
+                REVIEW_PATH,
+                b"{" + b" " * 70_000 + b"}",
+                {"content-type": "application/json"},
+                413,
+            ),
+            ("POST", REVIEW_PATH, b"{}", {"content-type": "text/plain"}, 415),
+            ("GET", "/no/such/path", None, {}, 404),
+            ("GET", "/v1/audit?pageSize=1&pageSize=2", None, {}, 400),
+        ],
+    )
+    def test_edge_replies_readable_by_allowed_origin(
+        self, client, method, path, body, headers, status
+    ):
+        """Envoy's own replies carry CORS headers too, so a browser script
+        can read why its request failed."""
+        response = client.request(
+            method, path, body, headers | {"origin": ALLOWED}
+        )
+
+        assert status == response.status
+        assert ALLOWED == response.headers["access-control-allow-origin"]
+        assert (
+            "x-request-id" in response.headers["access-control-expose-headers"]
+        )
+        assert "origin" == response.headers["vary"]
+
+    def test_edge_replies_to_other_origin_bare(self, client):
+        response = client.request(
+            "POST",
+            REVIEW_PATH,
+            b"{}",
+            {"content-type": "text/plain", "origin": OTHER},
+        )
+
+        assert 415 == response.status
+        assert "access-control-allow-origin" not in response.headers
+
+    @pytest.mark.parametrize("origin", [None, ALLOWED, OTHER])
+    def test_every_response_varies_by_origin(self, client, new_org, origin):
+        """Caches must not serve one origin's reply to another."""
+        headers = {"x-api-key": new_org().api_key}
+        if origin is not None:
+            headers["origin"] = origin
+
+        response = client.request("GET", "/v1/billing/usage", headers=headers)
+
+        assert 200 == response.status
+        assert "origin" == response.headers["vary"]

@@ -10,8 +10,10 @@ import json
 import socket
 import ssl
 import time
+from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.e2e.edge_instance import EdgeInstance
 from tests.fuzz.checks import response_problems
@@ -214,3 +216,24 @@ def wait_for_stat(instance: EdgeInstance, name: str, value: int) -> None:
     while instance.stats(name).get(name) != value:
         assert time.monotonic() < deadline, f"{name} never reached {value}"
         time.sleep(0.2)
+
+
+class TestOpenFileLimit:
+    def test_connection_limit_below_open_files(self, stack):
+        """Envoy can open a descriptor for every connection it admits."""
+        envoy = stack.child("envoy").process
+        limits = Path(f"/proc/{envoy.pid}/limits").read_text()
+        line = next(
+            text for text in limits.splitlines() if "Max open files" in text
+        )
+        soft, hard = (int(value) for value in line.split()[3:5])
+        config = yaml.safe_load((stack.run_dir / "envoy.yaml").read_text())
+        monitors = config["overload_manager"]["resource_monitors"]
+        [connections] = [
+            monitor["typed_config"]["max_active_downstream_connections"]
+            for monitor in monitors
+            if "max_active_downstream_connections" in monitor["typed_config"]
+        ]
+
+        assert soft == hard
+        assert connections < soft

@@ -189,6 +189,32 @@ class TestIpAllowlist:
         assert "FAILED_PRECONDITION" in completed.stderr
         assert "enterprise" in completed.stderr
 
+    def test_downgrade_needs_empty_allowlist(self, stack, edge, new_org):
+        """Leaving Enterprise never drops the allowlist silently."""
+        org = new_org("enterprise")
+        set_allowlist(stack, org.org_id, "10.0.0.0/8")
+
+        refused = cli_process(
+            stack, "orgs", "set-plan", "--org", org.org_id, "--plan", "pro"
+        )
+        shown = run_cli(stack, "orgs", "get", "--org", org.org_id)
+
+        assert 1 == refused.returncode
+        assert "FAILED_PRECONDITION" in refused.stderr
+        assert "set-allowlist" in refused.stderr
+        assert "ENTERPRISE" == shown["plan"]
+        assert ["10.0.0.0/8"] == shown["ipAllowlist"]
+        assert 403 == review(edge, org.api_key).status
+
+        cleared = set_allowlist(stack, org.org_id)
+        downgraded = run_cli(
+            stack, "orgs", "set-plan", "--org", org.org_id, "--plan", "pro"
+        )
+
+        assert 0 == cleared.returncode, cleared.stderr
+        assert "PRO" == downgraded["plan"]
+        assert 200 == review(edge, org.api_key).status
+
     @pytest.mark.parametrize(
         ("cidr", "expected"),
         [

@@ -6,6 +6,7 @@ edge's auth decision rejects it with 400 naming the field.
 
 import grpc
 import pytest
+from arxio.auth.v1 import keys_pb2, keys_pb2_grpc
 from arxio.cds.v1 import cds_pb2, cds_pb2_grpc
 from google.rpc import error_details_pb2, status_pb2
 
@@ -14,6 +15,10 @@ from tests.suite import Organization
 pytestmark = pytest.mark.e2e
 
 REVIEW_PATH = "/v1/cds/clinical-review"
+HOOK_PATH = "/cds-services/arxio-order-sign"
+# A value no reply may repeat: it stands for patient data in a request.
+MARKER = "zzphimarker"
+RULES_ONLY = {"options": {"modelReview": False}}
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +131,108 @@ class TestTypes:
 
         assert 400 == response.status
         assert "question" in violations(response)
+
+
+class TestValuesNeverQuoted:
+    @pytest.mark.parametrize(
+        "text", ["1_0", " 10 ", "10 ", "\u0661\u0660", "\uff11\uff10"]
+    )
+    def test_loose_integer_text_rejected(self, edge, key, text):
+        """What Python's int() takes but proto3 JSON does not is named,
+        before the transcoder can quote it."""
+        body = RULES_ONLY | {"patient": {"ageYears": text}}
+
+        response = edge.request("POST", REVIEW_PATH, body, key)
+
+        assert 400 == response.status, response.body
+        assert "whole number" in violations(response)["patient.ageYears"]
+        assert text.strip() not in response.json()["message"]
+
+    @pytest.mark.parametrize("text", ["010", "+10"])
+    def test_integer_text_proto3_takes_accepted(self, edge, key, text):
+        body = RULES_ONLY | {"patient": {"ageYears": text}}
+
+        response = edge.request("POST", REVIEW_PATH, body, key)
+
+        assert 200 == response.status, response.body
+
+    @pytest.mark.parametrize("escape", ["\\ud800", "\\udfff", "\\ud800x"])
+    def test_lone_surrogate_named_not_echoed(self, edge, key, escape):
+        body = f'{{"question": "{MARKER}{escape}{MARKER}"}}'.encode()
+
+        response = edge.request(
+            "POST",
+            REVIEW_PATH,
+            body,
+            key | {"content-type": "application/json"},
+        )
+
+        assert 400 == response.status, response.body
+        assert "Unicode" in violations(response)["question"]
+        assert MARKER not in response.body.decode()
+
+    @pytest.mark.parametrize(
+        ("patient", "field"),
+        [
+            ({"ageYears": 4321}, "patient.ageYears"),
+            ({"weightKg": 8765.5}, "patient.weightKg"),
+            ({"egfr": 987.25}, "patient.egfr"),
+        ],
+    )
+    def test_range_error_names_limit_only(self, edge, key, patient, field):
+        response = edge.request(
+            "POST", REVIEW_PATH, RULES_ONLY | {"patient": patient}, key
+        )
+
+        assert 400 == response.status, response.body
+        assert field in violations(response)
+        value = str(next(iter(patient.values()))).split(".")[0]
+        assert value not in response.body.decode()
+
+
+class TestLimits:
+    def test_repeated_scopes_rejected(self, edge, key):
+        """A list cannot repeat one value a thousand times."""
+        body = {"name": "x", "scopes": ["CLINICAL_REVIEW"] * 1000}
+
+        response = edge.request("POST", "/v1/keys", body, key)
+
+        assert 400 == response.status, response.body
+        assert "at most 100" in violations(response)["scopes"]
+
+    def test_scope_listed_twice_rejected(self, edge, key):
+        body = {"name": "x", "scopes": ["AUDIT_READ", "audit_read"]}
+
+        response = edge.request("POST", "/v1/keys", body, key)
+
+        assert 400 == response.status, response.body
+        assert "scopes[1]" in violations(response)
+
+    def test_repeated_scopes_over_grpc_rejected(self, edge, key):
+        read = keys_pb2.ApiKey.Scope.AUDIT_READ
+        with edge.channel() as channel:
+            stub = keys_pb2_grpc.KeyServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.CreateKey(
+                    keys_pb2.CreateKeyRequest(name="x", scopes=[read, read]),
+                    metadata=list(key.items()),
+                    timeout=30,
+                )
+
+        assert grpc.StatusCode.INVALID_ARGUMENT == raised.value.code()
+
+    @pytest.mark.parametrize("path", [REVIEW_PATH, HOOK_PATH])
+    def test_deep_nesting_rejected(self, edge, key, path):
+        """JSON nested 10,000 deep is a 400 naming the limit, not a 500."""
+        body = b"[" * 10_000 + b"]" * 10_000
+
+        response = edge.request(
+            "POST", path, body, key | {"content-type": "application/json"}
+        )
+
+        assert 400 == response.status, response.body[:300]
+        description = violations(response)["body"]
+        assert "levels deep" in description
 
 
 class TestNativeGrpc:

@@ -3,10 +3,13 @@
 No 5xx, the security headers and a request id on every response, every
 error a `google.rpc.Status` JSON body whose details carry that request id,
 and never a 200 with an empty body. A gRPC-style reply (HTTP 200 with
-grpc-status) counts as an error only when grpc-status is not 0.
+grpc-status) counts as an error only when grpc-status is not 0, and one
+without grpc-status must carry a message. No error
+repeats a value of the request (`echo_problems`).
 """
 
 import json
+import urllib.parse
 from collections.abc import Mapping
 
 SECURITY_HEADERS = {
@@ -72,8 +75,11 @@ def response_problems(
         problems.append("x-request-id is missing")
     content_type = headers.get("content-type", "")
     if content_type.startswith("application/grpc"):
+        # A success carries its message, and its grpc-status in trailers,
+        # which an HTTP/1.1 client may not see.
         if status == 200 and headers.get("grpc-status") in (None, "0"):
-            problems.append("gRPC reply without an error status")
+            if not body:
+                problems.append("gRPC reply without an error status")
         return problems
     if method == "HEAD":
         return problems
@@ -85,3 +91,25 @@ def response_problems(
         problems.append("200 with an empty body")
 
     return problems
+
+
+def echo_problems(
+    marker: str, status: int, headers: Mapping[str, str], body: bytes
+) -> list[str]:
+    """Return a problem when an error response repeats `marker`.
+
+    A request plants the marker in body and query values, where it stands
+    for patient data that no error message may quote. `headers` must have
+    lower-case names.
+    """
+    grpc_status = headers.get("grpc-status")
+    if status < 400 and grpc_status in (None, "0"):
+        return []
+    texts = [
+        body.decode("utf-8", "replace"),
+        urllib.parse.unquote(headers.get("grpc-message", "")),
+    ]
+    if any(marker in text for text in texts):
+        return [f"the error repeats the request's value {marker}"]
+
+    return []

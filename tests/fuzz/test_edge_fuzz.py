@@ -2,10 +2,13 @@
 
 Schemathesis generates valid and invalid requests for every operation of
 docs/openapi.json; Hypothesis adds raw requests that no schema describes
-(odd methods, paths, content types, bodies and headers). Every response
-must keep the edge's promises (tests/fuzz/checks.py): no 5xx, the security
-headers and a request id everywhere, and every error a google.rpc.Status
-JSON body carrying that request id.
+(odd methods, paths, content types, bodies and headers, gzip-compressed
+native gRPC messages, headers of 8 to 33 KiB). Every response must keep
+the edge's promises (tests/fuzz/checks.py): no 5xx, the security headers
+and a request id everywhere, and every error a google.rpc.Status JSON body
+carrying that request id. Half the raw requests plant a marker value, a
+lone surrogate or a loosely written integer in body or query values, and
+no error may repeat what they planted.
 
 The run sends at least MIN_REQUESTS requests and stops generating at
 TIME_BUDGET_SECONDS. It prints how many it sent.
@@ -16,10 +19,13 @@ operator methods store URLs that the services would resolve, and a fuzzer
 must not aim traffic at hosts it picks.
 """
 
+import gzip
 import json
 import string
 import threading
 import time
+import urllib.parse
+import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,6 +33,7 @@ from dataclasses import dataclass, field
 import pytest
 import requests
 import schemathesis
+from arxio.cds.v1 import cds_pb2
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
@@ -34,7 +41,7 @@ from schemathesis import GenerationMode
 
 from services.auth.keys import generate_key
 from services.launcher.edge_guards import API_DESCRIPTION_FILE
-from tests.fuzz.checks import response_problems
+from tests.fuzz.checks import echo_problems, response_problems
 from tests.suite import Organization
 
 pytestmark = pytest.mark.e2e
@@ -82,7 +89,13 @@ class Tally:
             self.sent += 1
             self._fail(f"{request} -> {error!r:.300}")
 
-    def record(self, request: str, method: str, response) -> None:
+    def record(
+        self,
+        request: str,
+        method: str,
+        response,
+        planted: "Planted | None" = None,
+    ) -> None:
         headers = {
             name.lower(): value if isinstance(value, str) else value[0]
             for name, value in response.headers.items()
@@ -90,6 +103,10 @@ class Tally:
         problems = response_problems(
             method, response.status_code, headers, response.content
         )
+        if planted is not None:
+            problems += planted.problems(
+                response.status_code, headers, response.content
+            )
         with self.lock:
             self.sent += 1
             self.statuses[response.status_code] += 1
@@ -324,12 +341,247 @@ def raw_requests(draw) -> tuple[str, str, dict[str, str], bytes | None]:
                     "authorization",
                     "x_api_key",
                     "x-custom",
+                    # gRPC metadata that a service parses itself.
+                    "grpc-timeout",
+                    "grpc-encoding",
+                    "x-custom-bin",
                 ]
             )
         )
         headers[name] = draw(header_values)
 
     return method, path, headers, draw(raw_bodies)
+
+
+# Planted values: a marker that stands for patient data, lone surrogates,
+# and integers written in ways Python's int() reads but proto3 JSON does
+# not (or does: "+7319" and "07319"). Their digits 7319 are out of every
+# range, so a range error could quote them too.
+MARKER = "zzfuzzmarker"
+LONE_SURROGATES = ["\ud800", "\udbff", "\udc00", "\udfff"]
+LOOSE_INTEGERS = [
+    "7_319",
+    " 7319 ",
+    "7319 ",
+    "\u0667\u0663\u0661\u0669",
+    "\uff17\uff13\uff11\uff19",
+    "+7319",
+    "07319",
+    "7319",
+    "7.319e3",
+]
+# What an error must not contain when a request planted a loose integer.
+LOOSE_INTEGER_ECHOES = [
+    "7319",
+    "7_319",
+    "\u0667\u0663\u0661\u0669",
+    "\uff17\uff13",
+]
+GRPC_REVIEW_PATH = (
+    "/arxio.cds.v1.ClinicalDecisionSupportService/ClinicalReview"
+)
+# A valid review; one of its leaves gets a planted value.
+REVIEW_TEMPLATE = {
+    "patient": {"ageYears": 70, "sex": "FEMALE", "weightKg": 60, "egfr": 40},
+    "medications": [
+        {
+            "name": "warfarin",
+            "rxnorm": "11289",
+            "dose": {"value": 5, "unit": "mg"},
+            "route": "oral",
+            "frequency": "daily",
+        }
+    ],
+    "conditions": [{"name": "atrial fibrillation", "icd10": "I48"}],
+    "allergies": [{"substance": "penicillin", "severity": "SEVERE"}],
+    "question": "any interactions?",
+}
+# Query parameters of GET routes, each with a type the transcoder parses.
+MARKED_QUERIES = [
+    ("/v1/audit", ["pageSize", "page_size", "startTime", "statusCode"]),
+    ("/v1/audit", ["action", "keyId", "pageToken", "endTime"]),
+    ("/v1/keys", ["pageSize", "pageToken"]),
+    ("/v1/billing/usage", ["startDate", "endDate"]),
+]
+# Header sizes around the edge's 32 KiB limit and gRPC's old 8 and 16 KiB.
+LARGE_HEADER_SIZES = [8_500, 16_500, 24_000, 30_000, 32_400, 33_000]
+
+
+@dataclass(frozen=True)
+class Planted:
+    """What a request planted, and so what its error must not repeat."""
+
+    echoes: tuple[str, ...] = (MARKER,)
+    # Headers the edge admits must reach the services: no 429 from a
+    # service's metadata limit.
+    large_headers: bool = False
+    # A native gRPC message that no check may let through.
+    invalid_message: bool = False
+
+    def problems(self, status: int, headers: dict, body: bytes) -> list[str]:
+        # Request ids are hexadecimal and may contain the digits planted.
+        body = body.replace(headers.get("x-request-id", "").encode(), b"")
+        problems = []
+        for echo in self.echoes:
+            problems += echo_problems(echo, status, headers, body)
+        if self.large_headers and status == 429:
+            problems.append("headers the edge admits got 429")
+        grpc_status = headers.get("grpc-status")
+        if grpc_status == "13":
+            problems.append("a gRPC message got INTERNAL, not a client error")
+        if self.invalid_message and status < 400 and grpc_status is None:
+            problems.append("an invalid gRPC message was accepted")
+
+        return problems
+
+
+marked_text = st.builds(
+    lambda before, surrogate, after: before + MARKER + surrogate + after,
+    st.text(string.ascii_letters + " ", max_size=4),
+    st.sampled_from(["", *LONE_SURROGATES]),
+    st.text(max_size=4),
+)
+planted_values = st.one_of(
+    marked_text,
+    st.sampled_from(LOOSE_INTEGERS),
+    st.sampled_from(LONE_SURROGATES).map(lambda text: MARKER + text),
+)
+
+
+def leaf_paths(value, path=()) -> list[tuple]:
+    if isinstance(value, dict):
+        return [
+            leaf
+            for key, item in value.items()
+            for leaf in leaf_paths(item, (*path, key))
+        ]
+    if isinstance(value, list):
+        return [
+            leaf
+            for index, item in enumerate(value)
+            for leaf in leaf_paths(item, (*path, index))
+        ]
+
+    return [path]
+
+
+def planted_for(value: str) -> Planted:
+    echoes = [MARKER] if MARKER in value else []
+    echoes += [echo for echo in LOOSE_INTEGER_ECHOES if echo in value]
+
+    return Planted(tuple(echoes))
+
+
+@st.composite
+def marked_review(draw) -> tuple:
+    body = json.loads(json.dumps(REVIEW_TEMPLATE))
+    path = draw(st.sampled_from(leaf_paths(REVIEW_TEMPLATE)))
+    value = draw(planted_values)
+    target = body
+    for step in path[:-1]:
+        target = target[step]
+    target[path[-1]] = value
+    body["options"] = {"modelReview": False}
+    # json.dumps writes a lone surrogate as its \u escape.
+    data = json.dumps(body).encode()
+    headers = {"content-type": "application/json"}
+
+    return "POST", REVIEW_PATH, headers, data, planted_for(value)
+
+
+@st.composite
+def marked_query(draw) -> tuple:
+    path, names = draw(st.sampled_from(MARKED_QUERIES))
+    name = draw(st.sampled_from(names))
+    value = draw(planted_values)
+    # Lone surrogates cannot be encoded as UTF-8: send their escape text.
+    quoted = urllib.parse.quote(value, safe="", errors="backslashreplace")
+    query = f"{name}={quoted}"
+    if draw(st.booleans()):
+        # The same parameter again, maybe under its other name.
+        query += f"&{draw(st.sampled_from(names))}=1"
+
+    return "GET", f"{path}?{query}", {}, None, planted_for(value)
+
+
+def _uncompressed(data: bytes) -> bytes:
+    return data
+
+
+@st.composite
+def compressed_grpc(draw) -> tuple:
+    """A native gRPC review, gzip or deflate compressed or claiming to be."""
+    question = draw(st.one_of(marked_text, st.just(MARKER + "\x00")))
+    # The options first, so a cut message still skips the model, which
+    # takes seconds a call. Serialized messages concatenate as a merge.
+    message = cds_pb2.ClinicalReviewRequest(
+        options=cds_pb2.ReviewOptions(model_review=False)
+    ).SerializeToString()
+    message += cds_pb2.ClinicalReviewRequest(
+        question=question.encode("utf-8", "replace").decode()
+    ).SerializeToString()
+    invalid = "\x00" in question
+    if draw(st.booleans()):
+        # Field 99, varint 1: unknown to ClinicalReviewRequest.
+        message += bytes([0x98, 0x06, 0x01])
+        invalid = True
+    compressions = [gzip.compress, zlib.compress, _uncompressed]
+    if draw(st.integers(0, 4)) == 0:
+        invalid = True
+        # Inflates past the 64 KiB message limit. Always compressed, so
+        # the generated requests stay small in memory.
+        size = draw(st.sampled_from([70_000, 400_000, 2_000_000]))
+        message = cds_pb2.ClinicalReviewRequest(
+            question="x" * size,
+            options=cds_pb2.ReviewOptions(model_review=False),
+        ).SerializeToString()
+        compressions = compressions[:2]
+    encoding = draw(
+        st.sampled_from(["gzip", "deflate", "identity", "", "snappy", "GZIP"])
+    )
+    compress = draw(st.sampled_from(compressions))
+    payload = compress(message)
+    if draw(st.integers(0, 5)) == 0:
+        # Never to nothing: an empty message is a valid review that asks
+        # for the model.
+        payload = payload[: draw(st.integers(1, len(payload)))]
+        if compress is _uncompressed:
+            # An uncompressed message cut before its invalid field can be
+            # a valid review, so only the other checks apply to it.
+            invalid = False
+    flag = draw(st.sampled_from([b"\x00", b"\x01", b"\x01", b"\x02"]))
+    body = flag + len(payload).to_bytes(4, "big") + payload
+    headers = {"content-type": "application/grpc", "te": "trailers"}
+    if encoding:
+        headers["grpc-encoding"] = encoding
+
+    return (
+        "POST",
+        GRPC_REVIEW_PATH,
+        headers,
+        body,
+        Planted(invalid_message=invalid),
+    )
+
+
+@st.composite
+def large_headers(draw) -> tuple:
+    size = draw(st.sampled_from(LARGE_HEADER_SIZES))
+    method, path = draw(
+        st.sampled_from([("POST", REVIEW_PATH), ("GET", "/v1/billing/usage")])
+    )
+    headers = {"x-filler": "a" * size}
+    body = None
+    if method == "POST":
+        headers["content-type"] = "application/json"
+        body = json.dumps({"options": {"modelReview": False}}).encode()
+
+    return method, path, headers, body, Planted((), large_headers=True)
+
+
+planted_requests = st.one_of(
+    marked_review(), marked_query(), compressed_grpc(), large_headers()
+)
 
 
 def test_raw_requests(base_url, ca_file, credentials, tally):
@@ -342,15 +594,25 @@ def test_raw_requests(base_url, ca_file, credentials, tally):
     generated = []
 
     @settings(FUZZ_SETTINGS, max_examples=wanted)
-    @given(request=raw_requests(), credential=st.sampled_from(credentials))
+    @given(
+        request=st.one_of(
+            raw_requests().map(lambda request: (*request, None)),
+            planted_requests,
+        ),
+        credential=st.sampled_from(credentials),
+    )
     def collect(request, credential):
         generated.append((request, credential))
 
     collect()
 
     def send(session, item) -> None:
-        (method, path, headers, body), credential = item
-        if path.startswith(REVIEW_PATH) and credential.get("x-api-key"):
+        (method, path, headers, body, planted), credential = item
+        if (
+            planted is None
+            and path.startswith(REVIEW_PATH)
+            and credential.get("x-api-key")
+        ):
             body = rules_only(body)
         try:
             response = session.request(
@@ -365,9 +627,11 @@ def test_raw_requests(base_url, ca_file, credentials, tally):
         except (requests.exceptions.InvalidHeader, UnicodeError, ValueError):
             return
         except requests.exceptions.RequestException as error:
-            tally.record_error(f"{method} {path} {headers}", error)
+            tally.record_error(f"{method} {path} {headers}"[:300], error)
             return
-        tally.record(f"{method} {path} {headers}", method, response)
+        tally.record(
+            f"{method} {path} {headers}"[:300], method, response, planted
+        )
 
     send_all(generated, send, tally)
     print(

@@ -18,7 +18,11 @@ the container where there is one, and the rule. The rules:
   follows PostgreSQL);
 - a termination grace period longer than the longest preStop pause plus
   the server's own shutdown (its drain, at most MAX_DRAIN_SECONDS, then
-  ARXIO_SHUTDOWN_GRACE_SECONDS for the RPCs in flight) plus 5 s;
+  ARXIO_SHUTDOWN_GRACE_SECONDS for the RPCs in flight) plus 5 s, and plus
+  the native sidecars' preStop pauses and ARXIO_AUDIT_DRAIN_SECONDS, which
+  start once the main containers have exited;
+- a server that calls the model (ARXIO_MODEL_TIMEOUT_SECONDS) gives the
+  RPCs in flight at shutdown at least that timeout plus 5 s;
 - Deployments: topology spread over zones and nodes, a
   PodDisruptionBudget; envoy, auth and cds also a HorizontalPodAutoscaler;
 - a Service whose pods serve gRPC names that port `grpc`;
@@ -28,6 +32,7 @@ the container where there is one, and the rule. The rules:
 
 import re
 
+from services.audit.ingest import DEFAULT_DRAIN_SECONDS
 from services.common.server import MAX_DRAIN_SECONDS
 from tests.k8s.manifests import WORKLOAD_KINDS, pod_labels, pod_spec
 
@@ -38,6 +43,8 @@ LIVENESS_NAME = "liveness"
 AUTOSCALED = ("envoy", "auth", "cds")
 # Seconds between the end of the server's drain and the kubelet's SIGKILL.
 GRACE_MARGIN = 5
+# The audit ingester's drain when ARXIO_AUDIT_DRAIN_SECONDS is unset.
+INGEST_DRAIN_DEFAULT_SECONDS = DEFAULT_DRAIN_SECONDS
 _PYTHON_SLEEP = re.compile(r"time\.sleep\((\d+(?:\.\d+)?)\)")
 
 
@@ -208,10 +215,16 @@ def _check_grace(item: dict) -> list[str]:
             grace_seconds = float(environment["ARXIO_SHUTDOWN_GRACE_SECONDS"])
             shutdown = MAX_DRAIN_SECONDS + grace_seconds
         needed = max(needed, pre_stop_seconds(container) + shutdown)
-    # Native sidecars stop after the main containers, so their pauses add.
+    # Native sidecars stop after the main containers, so their pauses and
+    # the audit ingester's drain add.
     for container in spec.get("initContainers", []):
         if container.get("restartPolicy") == "Always":
             needed += pre_stop_seconds(container)
+            drain = _environment(container).get("ARXIO_AUDIT_DRAIN_SECONDS")
+            if drain is not None:
+                needed += float(drain)
+            elif container["name"] == "audit-ingest":
+                needed += INGEST_DRAIN_DEFAULT_SECONDS
     if grace < needed + GRACE_MARGIN:
         return [
             f"{_name(item)}: termination grace period {grace} s is not "
@@ -220,6 +233,26 @@ def _check_grace(item: dict) -> list[str]:
         ]
 
     return []
+
+
+def _check_model_grace(item: dict) -> list[str]:
+    """Check that a shutdown lets a model call in flight finish."""
+    found = []
+    for container in pod_spec(item).get("containers", []):
+        environment = _environment(container)
+        if "ARXIO_MODEL_TIMEOUT_SECONDS" not in environment:
+            continue
+        timeout = float(environment["ARXIO_MODEL_TIMEOUT_SECONDS"])
+        grace = float(environment.get("ARXIO_SHUTDOWN_GRACE_SECONDS", 10))
+        if grace < timeout + GRACE_MARGIN:
+            found.append(
+                f"{_name(item)} container {container['name']}: "
+                f"ARXIO_SHUTDOWN_GRACE_SECONDS {grace:g} s is shorter than "
+                f"ARXIO_MODEL_TIMEOUT_SECONDS {timeout:g} s plus "
+                f"{GRACE_MARGIN} s, so a shutdown cuts off model reviews"
+            )
+
+    return found
 
 
 def _selected(item: dict, objects, kind: str) -> list[dict]:
@@ -329,6 +362,7 @@ def violations(objects) -> list[str]:
         for container in containers:
             found += _check_probes(item, container)
         found += _check_grace(item)
+        found += _check_model_grace(item)
         if item["kind"] == "Deployment":
             found += _check_deployment(item, objects)
 

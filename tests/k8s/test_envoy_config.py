@@ -45,7 +45,9 @@ class TestClusterConfig:
         cluster = k8s_render.render_cluster()
         listeners = cluster["static_resources"]["listeners"]
 
-        assert ["edge", "probes"] == [item["name"] for item in listeners]
+        assert ["edge", "metrics", "probes"] == [
+            item["name"] for item in listeners
+        ]
         listeners.pop()
         assert envoy_config.render(k8s_render.cluster_settings()) == cluster
 
@@ -85,6 +87,9 @@ class TestClusterConfig:
         config = k8s_render.render_cluster()
         for cluster in config["static_resources"]["clusters"]:
             name = cluster["name"]
+            if name == envoy_config.METRICS_ADMIN_CLUSTER:
+                # Envoy's own admin interface on loopback, for /metrics.
+                continue
             endpoint = cluster["load_assignment"]["endpoints"][0]
             address = endpoint["lb_endpoints"][0]["endpoint"]["address"]
             tls = cluster["transport_socket"]["typed_config"]
@@ -138,6 +143,7 @@ class TestManifestsMatchConfig:
 
         assert k8s_render.EDGE_PORT == ports["https"]
         assert k8s_render.PROBE_PORT == ports["probes"]
+        assert k8s_render.METRICS_PORT == ports["metrics"]
         assert str(k8s_render.CERTS_DIR) == mounts["tls"]
         assert str(k8s_render.ACCESS_LOG.parent) == mounts["access-log"]
         assert "/etc/arxio/envoy/envoy.yaml" in container["command"]

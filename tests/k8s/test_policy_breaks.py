@@ -75,6 +75,24 @@ def latest_image(objects):
     container(objects, "CronJob", "audit-retention")["image"] = "arxio:latest"
 
 
+def set_environment(container: dict, name: str, value: str) -> None:
+    entry = next(e for e in container["env"] if e["name"] == name)
+    entry["value"] = value
+
+
+def shutdown_cuts_model_call(objects):
+    set_environment(
+        container(objects, "Deployment", "cds"),
+        "ARXIO_SHUTDOWN_GRACE_SECONDS",
+        "10",
+    )
+
+
+def ingest_drain_outlasts_grace(objects):
+    ingest = pod_spec(find(objects, "Deployment", "envoy"))["initContainers"]
+    set_environment(ingest[0], "ARXIO_AUDIT_DRAIN_SECONDS", "60")
+
+
 BREAKS = [
     (writable_root, "Deployment/auth", "readOnlyRootFilesystem"),
     (liveness_on_readiness, "Deployment/auth", "depends on PostgreSQL"),
@@ -89,6 +107,8 @@ BREAKS = [
     (token_mounted, "StatefulSet/ollama", "service account token"),
     (no_network_policy, "Deployment/cds", "NetworkPolicy"),
     (latest_image, "CronJob/audit-retention", "no pinned tag"),
+    (shutdown_cuts_model_call, "Deployment/cds", "cuts off model reviews"),
+    (ingest_drain_outlasts_grace, "Deployment/envoy", "termination grace"),
 ]
 
 

@@ -33,7 +33,9 @@ def registration(
     store = None
     if database_url:
         # A small pool: feedback is the only database work of this service.
-        engine = db.create_engine(database_url, pool_size=2)
+        engine = db.create_pooled_engine(
+            database_url, db.PoolSettings.from_env(env, 2)
+        )
         store = FeedbackStore(db.session_factory(engine))
     # NOTE: this reviewer has its own concurrency limit and circuit breaker,
     # apart from ClinicalReview's, so model calls of both can add up to

@@ -38,6 +38,12 @@ from services.cds.hooks.mapping import (
 from services.cds.knowledge_base import KnowledgeBase
 from services.cds.validation import validate_request
 from services.common.errors import FieldViolation
+from services.common.strict_body import nesting_depth_exceeds
+
+# Deepest nesting of arrays and objects a request may have: far above the
+# 11 levels of the example requests in examples/hooks, which leaves room
+# for FHIR extensions and contained resources.
+MAX_JSON_DEPTH = 64
 
 
 class MissingPrefetch(Exception):
@@ -81,7 +87,19 @@ def parse_json(data: bytes, content_type: str) -> object:
             ]
         )
     try:
-        return json.loads(data)
+        text = data.decode("utf-8")
+        # Checked first: json.loads would exhaust the stack on deep nesting.
+        if nesting_depth_exceeds(text, MAX_JSON_DEPTH):
+            raise InvalidFhir(
+                [
+                    FieldViolation(
+                        "body",
+                        f"is nested more than {MAX_JSON_DEPTH} levels deep, "
+                        "the limit of a CDS Hooks request",
+                    )
+                ]
+            )
+        return json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         position = getattr(error, "pos", getattr(error, "start", 0))
         raise InvalidFhir(

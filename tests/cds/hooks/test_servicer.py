@@ -7,6 +7,7 @@ import grpc
 import pytest
 from arxio.cds.v1 import cds_pb2, hooks_pb2
 from google.api import httpbody_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from services.cds.hooks.servicer import CdsHooksServicer, model_timeout
 from services.cds.knowledge_base import load_knowledge_base
@@ -16,9 +17,28 @@ ORG_ID = "00000000-0000-4000-8000-000000000001"
 
 
 class Aborted(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(
+        self, code: grpc.StatusCode, details: str, trailing_metadata=()
+    ) -> None:
         super().__init__(details)
         self.code = code
+        self.trailing_metadata = trailing_metadata or ()
+
+    def violations(self) -> dict[str, str]:
+        """Return the BadRequest field violations of the status details."""
+        trailers = dict(self.trailing_metadata)
+        status = status_pb2.Status.FromString(
+            trailers["grpc-status-details-bin"]
+        )
+        bad_request = error_details_pb2.BadRequest()
+        for detail in status.details:
+            if detail.Unpack(bad_request):
+                break
+
+        return {
+            violation.field: violation.description
+            for violation in bad_request.field_violations
+        }
 
 
 class FakeContext:
@@ -36,7 +56,7 @@ class FakeContext:
         self.initial_metadata = metadata
 
     async def abort(self, code, details, trailing_metadata=None):
-        raise Aborted(code, details)
+        raise Aborted(code, details, trailing_metadata)
 
 
 class FakeReviewer:
@@ -134,6 +154,33 @@ class TestCallHookService:
             asyncio.run(servicer.CallHookService(request, FakeContext()))
 
         assert grpc.StatusCode.INVALID_ARGUMENT == raised.value.code
+
+    @pytest.mark.parametrize("depth", [65, 10_000])
+    def test_deep_nesting_names_limit(self, servicer, depth):
+        """Nesting past the limit is INVALID_ARGUMENT, not a RecursionError."""
+        request = hooks_pb2.CallHookServiceRequest(
+            service_id="arxio-order-sign",
+            body=httpbody_pb2.HttpBody(
+                content_type="application/json",
+                data=b"[" * depth + b"]" * depth,
+            ),
+        )
+
+        with pytest.raises(Aborted) as raised:
+            asyncio.run(servicer.CallHookService(request, FakeContext()))
+
+        assert grpc.StatusCode.INVALID_ARGUMENT == raised.value.code
+        assert "64 levels" in raised.value.violations()["body"]
+
+    def test_nesting_at_limit_parsed(self, servicer):
+        """A request nested 64 levels deep is reviewed."""
+        document = hook_request("order-sign")
+        # The request object and its context are two levels.
+        document["context"]["deep"] = json.loads("[" * 62 + "]" * 62)
+
+        body = _call(servicer, "order-sign", FakeContext(), document)
+
+        assert "cards" in json.loads(body.data)
 
 
 class TestRecordHookFeedback:
