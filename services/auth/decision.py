@@ -546,10 +546,10 @@ class AuthDecider:
 
         A request that passed key authentication counts even when it is
         then denied, and its response carries the rate-limit headers, as
-        every authenticated request's does. Over the quota the answer is
+        every authenticated request's does. Over the quota the response is
         429 whatever is wrong with the request itself (`request_denial`),
         but a suspended organization or an address outside its allowlist
-        (`organization_denial`) is told so first.
+        (`organization_denial`) gets its 403 first.
         """
         now = self._clock()
         reset = next_utc_midnight(now)

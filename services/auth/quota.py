@@ -4,7 +4,7 @@ Every request of a known key adds one to its organization's row of
 `auth.daily_usage` for the UTC day, unless the row is at the plan's limit.
 One auth replica sends one statement per organization for all the requests
 that arrived while its previous statement ran, so under load the database
-sees a few statements instead of one per request. The statement adds
+receives a few statements instead of one per request. The statement adds
 `least(wanted, limit - count)` in a single row update, which PostgreSQL
 serializes on the row lock, so replicas racing for the last units never
 let through more than the limit, and the stored count equals the number
@@ -68,10 +68,11 @@ class QuotaCounter:
     async def count(
         self, org_id: str, day: datetime.date, limit: int | None
     ) -> int | None:
-        """Count one request; return the day's new count, or None at limit.
+        """Count one request and return the day's new count, or None at
+        the limit.
 
         A request at the limit is not counted. Raises QuotaUnavailable when
-        the database cannot be reached or does not answer in time.
+        the database cannot be reached or does not respond in time.
         """
         bucket = _Bucket(org_id, day, NO_LIMIT if limit is None else limit)
         future = asyncio.get_running_loop().create_future()
@@ -111,7 +112,7 @@ class QuotaCounter:
     async def _send_retrying(
         self, batch: dict[_Bucket, list[asyncio.Future]]
     ) -> dict[_Bucket, tuple[int, int]]:
-        """Send a batch; on a connection kept from before, retry once.
+        """Send a batch, retrying once on a connection kept from before.
 
         A kept connection is dead after PostgreSQL restarts, and the batch
         then fails before any statement runs, so a fresh connection gets
@@ -188,8 +189,8 @@ def _settle(
     first = new_count - granted + 1
     for index, future in enumerate(futures):
         if future.done():
-            # The request was cancelled while the batch ran; its unit stays
-            # counted, as a request that reached the check counts.
+            # The request was cancelled while the batch ran. Its unit stays
+            # counted, as every request that reaches the check counts.
             continue
         future.set_result(first + index if index < granted else None)
 
