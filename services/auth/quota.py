@@ -5,10 +5,10 @@ Every request of a known key adds one to its organization's row of
 One auth replica sends one statement per organization for all the requests
 that arrived while its previous statement ran, so under load the database
 receives a few statements instead of one per request. The statement adds
-`least(wanted, limit - count)` in a single row update, which PostgreSQL
-serializes on the row lock, so replicas racing for the last units never
-let through more than the limit, and the stored count equals the number
-of requests let through.
+`least(wanted, limit - count)` in a single row update, and PostgreSQL
+serializes such updates on the row lock. So replicas racing for the last
+units never let through more than the limit, and the stored count equals
+the number of requests let through.
 """
 
 import asyncio

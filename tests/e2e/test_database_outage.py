@@ -86,7 +86,7 @@ def test_fails_closed_and_recovers(outage_stack):
     assert 14 == down.json()["code"]
     assert grpc.StatusCode.UNAVAILABLE == grpc_code(outage_stack, org.api_key)
     # The operator token needs no database, so the operator API is reached
-    # and must answer as unavailable rather than as a failure of its own.
+    # and must return UNAVAILABLE rather than a failure of its own.
     operator = edge.request(
         "GET",
         "/v1/operator/organizations",

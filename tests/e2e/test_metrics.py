@@ -76,8 +76,9 @@ def exercised():
                 if total >= FREE_DAILY_LIMIT + len(statuses):
                     break
                 time.sleep(0.5)
-            # Envoy health-checks each service every 2 s: a window of two
-            # intervals sees at least one check, however fast the requests.
+            # Envoy health-checks each service every 2 s, so a window of two
+            # intervals contains at least one check, however fast the
+            # requests are.
             time.sleep(
                 max(0.0, started + 2 * HEALTH_CHECK_SECONDS - time.monotonic())
             )
