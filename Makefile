@@ -130,9 +130,9 @@ setup: k8s-tools
 
 .PHONY: bench
 
-## bench: start a suite on loopback ports, measure each scenario against a baseline in the same run (7 to 8 minutes on 2 cores; durations: `$(PY) bench/harness.py --help`) and update docs/benchmarks.md
+## bench: start a suite on loopback ports, measure each scenario against a baseline in the same run (7 to 8 minutes on 2 cores; durations: `$(PY) bench/harness.py --help`), update docs/benchmarks.md, then fail if a target was missed or a request failed
 bench:
-	$(PY) bench/harness.py
+	$(PY) bench/harness.py --check
 
 .PHONY: bench-hooks
 

@@ -47,7 +47,10 @@ from services.audit import chain  # noqa: E402
 from services.audit.store import AuditStore, EventFilter  # noqa: E402
 from services.common import db, pagination  # noqa: E402
 from services.common.migrations import OWNER_ROLE  # noqa: E402
-from services.launcher.processes import free_port  # noqa: E402
+from services.launcher.processes import (  # noqa: E402
+    free_port,
+    stop_signals_interrupt,
+)
 from services.launcher.stack import Stack, StackSettings  # noqa: E402
 
 SECTION_HEADING = "## Audit query"
@@ -532,4 +535,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # SIGTERM and SIGHUP stop the suite through main's cleanup, as Ctrl-C does.
+    with stop_signals_interrupt():
+        status = main()
+    sys.exit(status)

@@ -49,7 +49,10 @@ from bench.common import (  # noqa: E402
     run_folder,
     write_section,
 )
-from services.launcher.processes import free_port  # noqa: E402
+from services.launcher.processes import (  # noqa: E402
+    free_port,
+    stop_signals_interrupt,
+)
 from services.launcher.stack import (  # noqa: E402
     REPO_ROOT,
     Stack,
@@ -347,4 +350,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # SIGTERM and SIGHUP stop the suite through main's cleanup, as Ctrl-C does.
+    with stop_signals_interrupt():
+        main()

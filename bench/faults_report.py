@@ -52,7 +52,10 @@ was down. "Recovered after" runs from the part's return to the end of
 the last failed request for the database, to the first request passed
 once auth reports SERVING again, and, for the model, from the runtime's
 restart to the first review it replied to. "Entries lost" counts responses
-whose request id has no audit entry once the ingester caught up. The
+whose request id has no audit entry once the ingester caught up.
+"Result" is the test's own verdict on the run: "failed" also covers a test
+that was interrupted, only a "passed" row met every check, and "unknown"
+marks figures written before the tests recorded their result. The
 figures come from the last run of each test (`make test`, or `make soak`
 for the soak) on the machine below; `make faults-report` rewrites this
 section from .run/faults/*.json."""
@@ -66,6 +69,15 @@ def load_figures(folder: Path) -> list[dict]:
     return sorted(
         records, key=lambda r: (rank.get(r["fault"], len(ORDER)), r["fault"])
     )
+
+
+def result(record: dict) -> str:
+    """Return the Result cell: passed, failed, or unknown for old files."""
+    passed = record.get("passed")
+    if passed is None:
+        return "unknown"
+
+    return "passed" if passed is True else "**failed**"
 
 
 def _seconds(value: float | None) -> str:
@@ -93,21 +105,22 @@ def section(records: list[dict]) -> str:
         "",
         INTRO,
         "",
-        "| Fault | Requests sent | Failed | Recovered after | Entries lost "
-        "| Notes | Run |",
-        "| --- | ---: | ---: | ---: | ---: | --- | --- |",
+        "| Fault | Result | Requests sent | Failed | Recovered after "
+        "| Entries lost | Notes | Run |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for record in records:
         source = SOURCES.get(record["fault"], "")
         lines.append(
-            f"| {_cell(record['summary'])} | {record['requests_sent']} | "
+            f"| {_cell(record['summary'])} | {result(record)} | "
+            f"{record['requests_sent']} | "
             f"{record['requests_failed']} | "
             f"{_seconds(record['recovered_after_seconds'])} | "
             f"{record['entries_lost']} | {_cell(record['notes'])} | "
             f"`{source}`, {record['date'][:10]} |"
         )
     if not records:
-        lines.append("| no fault figures yet: run `make test` | | | | | | |")
+        lines.append("| no fault figures yet: run `make test` | | | | | | | |")
     lines += ["", f"Machine: {machine()}.", ""]
 
     return "\n".join(lines)

@@ -33,6 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench.common import cpu_model, percentile, write_section  # noqa: E402
+from services.launcher.processes import stop_signals_interrupt  # noqa: E402
 from services.launcher.stack import Stack, StackSettings  # noqa: E402
 from tests.suite import Organization  # noqa: E402
 
@@ -163,4 +164,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # SIGTERM and SIGHUP stop the suite through main's cleanup, as Ctrl-C does.
+    with stop_signals_interrupt():
+        status = main()
+    raise SystemExit(status)

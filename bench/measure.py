@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from bench.common import (
     percentile,
@@ -116,6 +117,10 @@ class Side:
     cpu: list[CpuSource]
     count: Counter | None = None
     latency: Histogram | None = None
+    # Called with the run's seconds before the measured window opens, for
+    # work such as writing an input file that the CPU figures must leave
+    # out.
+    prepare: Callable[[float], None] | None = None
 
 
 @dataclass
@@ -183,6 +188,8 @@ def _scrape_all(side: Side) -> dict[int, dict]:
 
 def measure(side: Side, seconds: float, figures: Figures) -> None:
     """Run one side's load for `seconds` and add its figures."""
+    if side.prepare is not None:
+        side.prepare(seconds)
     before = _scrape_all(side)
     cpu_before = {source.name: source.read(before) for source in side.cpu}
     count_before = side.count.read(before) if side.count else 0.0
@@ -228,6 +235,12 @@ class Comparison:
     notes: list[str] = field(default_factory=list)
     # Called once both sides ran; returns a note for the report, if any.
     finish: Callable[[], str | None] | None = None
+    # Processes and settings of the run that figures.json records beside
+    # the figures, such as the pids and settings of both model paths.
+    facts: dict[str, Any] = field(default_factory=dict)
+    # Stops the processes that the scenario started for itself. The
+    # harness calls it once the scenario ran or failed.
+    stop: Callable[[], None] | None = None
 
     @property
     def ratio(self) -> float | None:

@@ -20,6 +20,10 @@ COLUMNS = TABLE_HEADER.count("|") - 1
 TARGET_EDGE_RATIO = 0.60
 TARGET_OPEN_LOOP_P99_MS = 50.0
 TARGET_MODEL_RATIO = 0.95
+# Smallest change in requests a second that the scaling lines report as
+# a gain or a loss: a judgement of run-to-run noise on a shared machine,
+# not a measured bound.
+SCALING_MIN_GAIN = 0.10
 
 INTRO = """\
 Each scenario ran in one suite started on loopback ports, with its
@@ -34,8 +38,10 @@ returns (closed loop), except the fixed-rate run. The load generator runs
 on the same cores as the suite.
 
 - requests a second: requests that the server side counted as completed,
-  over the runs' wall time: Envoy's `downstream_rq_xx` (2xx) through an
-  edge, `grpc_server_handled_total` (OK) for a direct call. Where no
+  over the runs' wall time: Envoy's `downstream_rq_xx` (2xx) for REST
+  through an edge, the service's `grpc_server_handled_total` (OK) for
+  native gRPC, through an edge or direct, because Envoy returns a failed
+  gRPC call as HTTP 200. Where no
   server process counts them (direct SQL, ingest, the raw model call) the
   client's count is used instead.
 - p50, p99: client round trips. Server p50 and p99: the upper bound of the
@@ -44,7 +50,8 @@ on the same cores as the suite.
 - CPU s per 1,000 requests: the CPU seconds of the processes that serve
   the scenario, listed below the table, per 1,000 requests. Python
   services report `process_cpu_seconds_total`; Envoy, PostgreSQL (with
-  every backend) and the model runtime are read from /proc.
+  every backend), the model runtime and the raw model call's process are
+  read from /proc.
 - ratio: the scenario's requests a second over its baseline's.
 """
 
@@ -259,16 +266,7 @@ def render_section(
         lines += comparison_rows(comparison)
     results = targets(by_key, open_loop)
     lines += ["", "Targets:", "", *target_rows(results), ""]
-    scaling = by_key.get("scaling")
-    if scaling is not None and not scaling.skipped:
-        lines += [
-            "Scaling past one process: the rules-only REST review served "
-            f"{scaling.measured_figures.requests_per_second:,.0f} requests "
-            "a second with cds and auth at 2 replicas each and "
-            f"{scaling.baseline_figures.requests_per_second:,.0f} at 1 "
-            f"replica each, on {machine_value(machine, 'cores')}.",
-            "",
-        ]
+    lines += scaling_lines(by_key, machine_value(machine, "cores"))
     lines += cpu_notes(comparisons, open_loop)
     failures = failure_notes(comparisons, open_loop)
     if failures:
@@ -284,6 +282,56 @@ def render_section(
     ]
 
     return "\n".join(lines) + "\n"
+
+
+def scaling_verdict(comparison: Comparison) -> str:
+    """Say whether 2 replicas served more requests a second than 1, and
+    by how much."""
+    ratio = comparison.ratio
+    if ratio is None:
+        return "no verdict, because the 1-replica side completed no request"
+    change = ratio - 1
+    if change >= SCALING_MIN_GAIN:
+        return f"scaled: {change:.0%} more requests a second"
+    if change <= -SCALING_MIN_GAIN:
+        return f"did not scale: {-change:.0%} fewer requests a second"
+
+    return (
+        f"did not scale: {change:+.0%}, within the {SCALING_MIN_GAIN:.0%} "
+        "that the report counts as noise"
+    )
+
+
+def scaling_lines(by_key: dict[str, Comparison], cores: str) -> list[str]:
+    """Return the verdict of each replica comparison that ran."""
+    configurations = (
+        (
+            "scaling",
+            "cds and auth at 2 replicas each behind the edge (REST review, "
+            "with Envoy, PostgreSQL and the client on the same cores)",
+        ),
+        (
+            "cds_scaling",
+            "the CDS service called directly at 2 replicas (native gRPC, "
+            "calls spread round-robin by the client)",
+        ),
+    )
+    items = []
+    for key, label in configurations:
+        comparison = by_key.get(key)
+        if comparison is None or comparison.skipped:
+            continue
+        measured = comparison.measured_figures.requests_per_second
+        baseline = comparison.baseline_figures.requests_per_second
+        items.append(
+            f"- {label}: {measured:,.0f} requests a second against "
+            f"{baseline:,.0f} at 1 replica; "
+            f"{scaling_verdict(comparison)}."
+        )
+    if not items:
+        return []
+
+    return [f"Scaling past one process on {cores}:", "", *items, ""]
 
 
 def machine_value(machine: list[tuple[str, str]], name: str) -> str:

@@ -168,18 +168,38 @@ class Service:
         )
 
 
-def mutual_tls_channel(certs_dir: Path, service: Service) -> grpc.Channel:
-    """Open a channel to a service as the edge, with its certificate."""
-    credentials = grpc.ssl_channel_credentials(
+def _edge_credentials(certs_dir: Path) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(
         root_certificates=(certs_dir / "ca.crt").read_bytes(),
         private_key=(certs_dir / "envoy.key").read_bytes(),
         certificate_chain=(certs_dir / "envoy.crt").read_bytes(),
     )
 
+
+def mutual_tls_channel(certs_dir: Path, service: Service) -> grpc.Channel:
+    """Open a channel to a service as the edge, with its certificate."""
     return grpc.secure_channel(
         f"127.0.0.1:{service.port}",
-        credentials,
+        _edge_credentials(certs_dir),
         options=[("grpc.ssl_target_name_override", service.certificate_name)],
+    )
+
+
+def round_robin_channel(
+    certs_dir: Path, replicas: list[Service]
+) -> grpc.Channel:
+    """Open one channel, as the edge, that sends each call to the next of
+    the replicas' loopback addresses (gRPC's round_robin policy over a
+    static address list). The replicas share one certificate name."""
+    addresses = ",".join(f"127.0.0.1:{replica.port}" for replica in replicas)
+
+    return grpc.secure_channel(
+        f"ipv4:{addresses}",
+        _edge_credentials(certs_dir),
+        options=[
+            ("grpc.ssl_target_name_override", replicas[0].certificate_name),
+            ("grpc.lb_policy_name", "round_robin"),
+        ],
     )
 
 
@@ -356,7 +376,10 @@ def grpc_review(setting: Setting) -> Comparison:
         "native gRPC clinical review through Envoy",
         _closed(through_edge, setting.concurrency),
         cpu=edge_review_cpu(setting, edge),
-        count=edge.requests(),
+        # Envoy returns a failed gRPC call as HTTP 200 with the error in
+        # grpc-status, so its 2xx count would include failed calls. The
+        # CDS replica behind this edge counts the calls that ended OK.
+        count=setting.cds.handled(CLINICAL_REVIEW),
         latency=edge.latency(),
     )
     baseline = Side(
@@ -471,8 +494,10 @@ def auth_check(setting: Setting) -> Comparison:
 class IngestRuns:
     """Runs of the audit ingester's own `store` on generated log lines.
 
-    Each run writes a new file, and stores it under a source name of its
-    own, so that runs never share a committed offset.
+    Each run reads a new file, and stores it under a source name of its
+    own, so that runs never share a committed offset. `prepare` writes the
+    file before the measured window opens, so that the harness's CPU time
+    includes the ingest but not the generating and writing of the lines.
     """
 
     def __init__(
@@ -483,18 +508,28 @@ class IngestRuns:
         self._per_second = per_second
         self._lines: list[str] = []
         self._runs = 0
+        self._prepared: Path | None = None
 
-    def __call__(self, seconds: float) -> LoadResult:
+    def prepare(self, seconds: float) -> None:
+        """Write the access-log file of the next run."""
         count = min(
             MAX_GENERATED_LINES, max(100, round(seconds * self._per_second))
         )
         if len(self._lines) < count:
             self._lines = audit_ingest.access_log_lines(count, orgs=20)
+        path = run_folder("bench-ingest-") / "access.log"
+        path.write_text("\n".join(self._lines[:count]) + "\n")
+        self._prepared = path
+
+    def __call__(self, seconds: float) -> LoadResult:
+        # A warm-up run is not prepared: it writes its file itself.
+        if self._prepared is None:
+            self.prepare(seconds)
+        path = self._prepared
+        self._prepared = None
+        folder = path.parent
         self._runs += 1
-        folder = run_folder("bench-ingest-")
-        path = folder / "access.log"
         try:
-            path.write_text("\n".join(self._lines[:count]) + "\n")
             run = asyncio.run(
                 audit_ingest.ingest_file(
                     self._url,
@@ -519,19 +554,23 @@ def audit_ingest_comparison(setting: Setting) -> Comparison:
     """Batched audit ingest, against the same ingester storing row by
     row."""
     cpu = [CpuSource("harness (the ingester)", "self"), setting.postgres]
+    batched = IngestRuns(
+        setting.admin_database_url, MAX_BATCH_LINES, BATCHED_LINES_PER_SECOND
+    )
+    row_by_row = IngestRuns(
+        setting.admin_database_url, 1, ROW_LINES_PER_SECOND
+    )
     measured = Side(
         f"audit ingest, batches of up to {MAX_BATCH_LINES:,} lines",
-        IngestRuns(
-            setting.admin_database_url,
-            MAX_BATCH_LINES,
-            BATCHED_LINES_PER_SECOND,
-        ),
+        batched,
         cpu=cpu,
+        prepare=batched.prepare,
     )
     baseline = Side(
         "baseline: row-by-row inserts, one transaction each",
-        IngestRuns(setting.admin_database_url, 1, ROW_LINES_PER_SECOND),
+        row_by_row,
         cpu=cpu,
+        prepare=row_by_row.prepare,
     )
 
     comparison = Comparison("audit_ingest", measured, baseline)
@@ -567,6 +606,41 @@ def scaling(setting: Setting) -> Comparison:
     baseline.cpu = edge_review_cpu(setting, setting.edge_1)
 
     return Comparison("scaling", measured, baseline)
+
+
+def cds_scaling(setting: Setting) -> Comparison:
+    """Compare native gRPC reviews sent straight to both CDS replicas,
+    spread round-robin by the client, against the same calls to one.
+
+    Without Envoy, auth and PostgreSQL on the path, only the CDS
+    replicas and the client use CPU, so the pair shows whether a second
+    replica adds throughput on this machine. The client counts the calls
+    that returned a review, because each replica counts only its own.
+
+    NOTE: the Python client shares the cores. In a 1-second trial on 2
+    cores, 1 replica used about half a core, so the client may limit the
+    2-replica side before the service does.
+    """
+    replicas = [setting.cds, setting.cds_2]
+    two_replicas = grpc_review_sender(
+        round_robin_channel(setting.certs_dir, replicas), []
+    )
+    one_replica = grpc_review_sender(
+        setting.mutual_tls_channel(setting.cds), []
+    )
+    measured = Side(
+        "native gRPC clinical review, CDS called directly at 2 replicas, "
+        "calls spread round-robin",
+        _closed(two_replicas, setting.concurrency),
+        cpu=[replica.cpu() for replica in replicas],
+    )
+    baseline = Side(
+        "baseline: the same calls to 1 CDS replica",
+        _closed(one_replica, setting.concurrency),
+        cpu=[setting.cds.cpu()],
+    )
+
+    return Comparison("cds_scaling", measured, baseline)
 
 
 def open_loop_review(setting: Setting, rate: float, threads: int) -> Side:

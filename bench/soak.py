@@ -7,9 +7,11 @@ Starts its own suite on loopback ports (the real model runtime unless
 --no-model), sends rules-only reviews over REST and native gRPC and audit
 pages at a steady rate, plus one review with the model every
 --model-every seconds, and samples the memory of every process. It passes
-when no request fails, no service returned INTERNAL or UNKNOWN, the
-ingester stored every entry, and no process's memory grew 10% or more
-between the end of the warm-up and the end of the run.
+when no request fails (a model review fails unless its modelReview.status
+is OK), no service returned INTERNAL or UNKNOWN, the ingester stored every
+entry, every child of the suite still runs at the end, and no process's
+memory grew 10% or more between the end of the warm-up and the end of the
+run.
 
 Memory is the resident set size of each child of the suite, and the
 memory in private mappings of each PostgreSQL process. Their shared
@@ -30,6 +32,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from services.launcher.processes import ChildProcess  # noqa: E402
 from tests.e2e.fault_load import (  # noqa: E402
     AUDIT_PAGE_PATH,
     REVIEW_PATH,
@@ -38,6 +41,7 @@ from tests.e2e.fault_load import (  # noqa: E402
     WITH_MODEL,
     Recorder,
     grpc_review_sender,
+    guarded,
     has_interaction,
     latency_ms,
     missing_entries,
@@ -49,8 +53,9 @@ from tests.e2e.fault_load import (  # noqa: E402
 from tests.edge import EdgeClient  # noqa: E402
 from tests.suite import Organization, own_stack  # noqa: E402
 
-# The memory of all PostgreSQL processes together, in a memory sample.
-POSTGRES_TOTAL = "postgres (all processes)"
+# The memory of the PostgreSQL processes that ran from the end of the
+# warm-up to the end of the run, together.
+POSTGRES_TOTAL = "postgres (processes that ran throughout)"
 # Largest growth of a process's memory after the warm-up, as a fraction.
 MAX_GROWTH = 0.10
 # Samples averaged at each end of the measured span, against noise.
@@ -59,6 +64,11 @@ EDGE_SAMPLES = 3
 MAX_IN_FLIGHT = 32
 # gRPC codes that mean a bug rather than a decision.
 ERROR_CODES = ("INTERNAL", "UNKNOWN", "DATA_LOSS")
+# The failure of a soak whose child processes did not all run to the end.
+NOT_RUNNING = "processes not running at the end"
+# modelReview.status of a review whose model call succeeded (the
+# ModelReview.Status enum in protos/arxio/cds/v1/cds.proto).
+MODEL_OK = "OK"
 
 
 def resident_kib(pid: int) -> int:
@@ -121,12 +131,9 @@ def memory_sample(stack) -> dict[str, int]:
     }
     postmaster = stack.database_pid()
     if postmaster is not None:
-        total = 0
         for pid in process_tree(postmaster):
             kib = private_kib(pid)
             sample[f"postgres {pid} ({postgres_role(pid)})"] = kib
-            total += kib
-        sample[POSTGRES_TOTAL] = total
 
     return sample
 
@@ -149,10 +156,10 @@ def postgres_role(pid: int) -> str:
 def judged(name: str) -> bool:
     """Tell whether a process's growth counts toward the verdict.
 
-    PostgreSQL counts as one server: the sum of its processes. Its
-    backends come and go with the connection pools, and a helper process
-    of a few hundred KiB grows by tens of percent when it touches one more
-    page, so each of its processes is reported but not judged alone.
+    PostgreSQL counts as one server: the sum of its processes that ran
+    throughout. A helper process of a few hundred KiB grows by tens of
+    percent when it touches one more page, so each of its processes is
+    reported but not judged alone.
     """
     return not name.startswith("postgres ") or name == POSTGRES_TOTAL
 
@@ -165,12 +172,22 @@ def growth(samples: list[dict[str, int]], warm_up_end: int) -> dict:
     """Compare each process's memory after the warm-up and at the end.
 
     Only processes that ran throughout are compared: a PostgreSQL backend
-    opened later for a bigger connection pool is a new process, not the
-    growth of one.
+    opened later, when a connection pool grew towards its size under a
+    burst, is a new process, not the growth of one. postgres_connections
+    reports how many there were.
     """
     start = samples[warm_up_end : warm_up_end + EDGE_SAMPLES]
     end = samples[-EDGE_SAMPLES:]
     throughout = set.intersection(*(set(sample) for sample in start + end))
+    postgres = [name for name in throughout if name.startswith("postgres ")]
+
+    def total(sample: dict[str, int]) -> int:
+        return sum(sample[name] for name in postgres)
+
+    if postgres:
+        for sample in start + end:
+            sample[POSTGRES_TOTAL] = total(sample)
+        throughout.add(POSTGRES_TOTAL)
     result = {}
     for name in sorted(throughout):
         before = mean([sample[name] for sample in start])
@@ -182,6 +199,20 @@ def growth(samples: list[dict[str, int]], warm_up_end: int) -> dict:
         }
 
     return result
+
+
+def postgres_connections(
+    samples: list[dict[str, int]], warm_up_end: int
+) -> dict[str, int]:
+    """Count PostgreSQL's client backends after the warm-up and at the end."""
+
+    def count(sample: dict[str, int]) -> int:
+        return sum("(backend of " in name for name in sample)
+
+    return {
+        "after_warm_up": count(samples[warm_up_end]),
+        "end": count(samples[-1]),
+    }
 
 
 def memory_notes(memory: dict) -> str:
@@ -232,6 +263,44 @@ def periodic(sender, every: float, stop: threading.Event, recorder) -> None:
         recorder.add(sender())
 
 
+def model_review_problem(review: dict) -> str | None:
+    """Return a problem unless the review has the interaction and its
+    model review succeeded (status OK rather than UNAVAILABLE, which a
+    timed-out model call returns, or INVALID)."""
+    problem = has_interaction(review)
+    if problem is not None:
+        return problem
+    model_review = review["modelReview"]
+    if model_review["status"] != MODEL_OK:
+        return (
+            f"modelReview.status {model_review['status']}, expected "
+            f"{MODEL_OK}: {model_review.get('reason', '')}"
+        )
+
+    return None
+
+
+def stopped_processes(children: list[ChildProcess]) -> list[str]:
+    """Return the names of the suite's children that are not running."""
+    return sorted(child.name for child in children if not child.running())
+
+
+def verdict_text(failures: dict[str, int], stopped: list[str]) -> str:
+    """Return "passed" or "failed: " and the checks that failed, naming
+    the processes that were not running at the end."""
+    names = [
+        name
+        for name, count in failures.items()
+        if count and name != NOT_RUNNING
+    ]
+    if stopped:
+        names.append(f"{NOT_RUNNING} ({', '.join(stopped)})")
+    if not names:
+        return "passed"
+
+    return "failed: " + ", ".join(names)
+
+
 def service_errors(stack) -> dict[str, float]:
     """Count the RPCs that each service ended with a bug's status code."""
     errors = {}
@@ -256,26 +325,40 @@ def run(args: argparse.Namespace) -> dict:
         org = Organization(stack, "enterprise")
         key = {"x-api-key": org.api_key}
         senders = [
+            guarded(sender, kind)
+            for sender, kind in (
+                (
+                    rest_sender(
+                        edge,
+                        "review",
+                        "POST",
+                        REVIEW_PATH,
+                        RULES_ONLY,
+                        key,
+                        has_interaction,
+                    ),
+                    "review",
+                ),
+                (grpc_review_sender(edge, org.api_key), "grpc review"),
+                (
+                    rest_sender(
+                        edge, "audit page", "GET", AUDIT_PAGE_PATH, None, key
+                    ),
+                    "audit page",
+                ),
+            )
+        ]
+        model_sender = guarded(
             rest_sender(
                 edge,
-                "review",
+                "model review",
                 "POST",
                 REVIEW_PATH,
-                RULES_ONLY,
+                WITH_MODEL,
                 key,
-                has_interaction,
+                model_review_problem,
             ),
-            grpc_review_sender(edge, org.api_key),
-            rest_sender(edge, "audit page", "GET", AUDIT_PAGE_PATH, None, key),
-        ]
-        model_sender = rest_sender(
-            edge,
             "model review",
-            "POST",
-            REVIEW_PATH,
-            WITH_MODEL,
-            key,
-            has_interaction,
         )
         recorder = Recorder()
         stop = threading.Event()
@@ -310,18 +393,26 @@ def run(args: argparse.Namespace) -> dict:
             elapsed = time.monotonic() - started
             for thread in threads:
                 thread.join(120)
+        # A child that ended (killed for memory, crashed) drops out of
+        # the samples, so it fails the soak here by name.
+        stopped = stopped_processes(stack.children)
         outcomes = recorder.snapshot()
         failed = [o for o in outcomes if not o.ok]
         missing = missing_entries(stack, recorder.request_ids())
         errors = service_errors(stack)
         memory = growth(samples, warm_up_end)
+        connections = postgres_connections(samples, warm_up_end)
         processes = {
             "after_warm_up": sorted(samples[warm_up_end]),
             "end": sorted(samples[-1]),
         }
 
+    model_reviews = sum(o.kind == "model review" for o in outcomes)
     failures = {
         "requests failed": len(failed),
+        # A soak with the model that sent no model review proves nothing
+        # about the model path.
+        "no model review sent": int(not args.no_model and not model_reviews),
         "entries lost": len(missing),
         "service errors": int(sum(errors.values())),
         "memory growth over 10%": sum(
@@ -331,13 +422,9 @@ def run(args: argparse.Namespace) -> dict:
         ),
     }
 
-    passed = not any(failures.values())
-    verdict = (
-        "passed"
-        if passed
-        else "failed: "
-        + ", ".join(name for name, count in failures.items() if count)
-    )
+    failures[NOT_RUNNING] = len(stopped)
+    verdict = verdict_text(failures, stopped)
+    passed = verdict == "passed"
 
     return {
         "summary": f"{args.minutes:g} minutes at {args.rate:g} requests a "
@@ -348,13 +435,17 @@ def run(args: argparse.Namespace) -> dict:
         "entries_lost": len(missing),
         "notes": (
             f"{verdict}; achieved {len(outcomes) / elapsed:.1f} requests a "
-            f"second; {memory_notes(memory)}; INTERNAL or UNKNOWN responses "
+            f"second; {memory_notes(memory)}; PostgreSQL connections "
+            f"{connections['after_warm_up']} after warm-up, "
+            f"{connections['end']} at the end; INTERNAL or UNKNOWN responses "
             f"{int(sum(errors.values()))}"
         ),
         "passed": passed,
         "failures": failures,
+        "processes_not_running": stopped,
         "failed_examples": [(o.kind, o.status, o.detail) for o in failed[:10]],
         "memory": memory,
+        "postgres_connections": connections,
         "processes": processes,
         "latency": {
             kind: latency_ms([o for o in outcomes if o.kind == kind])

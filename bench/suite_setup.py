@@ -180,9 +180,8 @@ class BenchProcesses:
 
     def stop(self) -> None:
         # Envoys before the services behind them, as the suite stops.
-        for child in reversed(self.children):
-            child.stop()
-        self.children.clear()
+        while self.children:
+            self.children.pop().stop()
 
 
 def _http_ok(url: str) -> bool:

@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from services.launcher.processes import free_port
+from services.launcher.processes import free_port, stop_signals_interrupt
 from services.launcher.stack import REPO_ROOT, Stack, StackSettings
 
 RUN_ROOT = REPO_ROOT / ".run"
@@ -31,12 +31,15 @@ def own_stack(rules_only: bool = True, **settings) -> Iterator[Stack]:
     defaults: dict = {"run_dir": run_dir, "edge_port": 0, "log_to_files": True}
     if rules_only:
         defaults["ollama_host"] = f"http://127.0.0.1:{free_port()}"
-    running = Stack(StackSettings(**(defaults | settings))).start()
-    try:
-        yield running
-    finally:
-        running.stop()
-        shutil.rmtree(run_dir, ignore_errors=True)
+    running = Stack(StackSettings(**(defaults | settings)))
+    # SIGTERM, as from a CI timeout, then ends pytest through its teardown,
+    # which stops the suite's processes.
+    with stop_signals_interrupt():
+        try:
+            yield running.start()
+        finally:
+            running.stop()
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from services.audit import chain
+from services.audit.anchors import AnchorFile
 from services.audit.checkpoints import Checkpointer
 from services.audit.servicers import AuditOperatorServicer, AuditServicer
 from services.audit.store import AuditStore
@@ -41,6 +42,15 @@ class AuditConfig:
     # and earlier ones, after a key rotation.
     trusted_keys: dict[str, Ed25519PublicKey]
     checkpoint_seconds: float
+    # The append-only file of each chain's newest checkpoint, on storage
+    # that outlives the process and that a database superuser cannot write.
+    anchor_file: Path
+    # Trust the database's checkpoints when the anchor file is empty, for
+    # one start after a lost volume or a database restore.
+    anchor_adopt: bool
+    # Whole months that the retention job keeps. Verification rejects a
+    # retention cut at a month within them.
+    retention_months: int
 
     @classmethod
     def from_env(cls, env: Environment) -> "AuditConfig":
@@ -70,6 +80,14 @@ class AuditConfig:
             checkpoint_seconds=env.number(
                 "ARXIO_AUDIT_CHECKPOINT_SECONDS", 60.0, minimum=0.1
             ),
+            anchor_file=Path(env.text("ARXIO_AUDIT_ANCHOR_FILE")),
+            anchor_adopt=env.boolean("ARXIO_AUDIT_ANCHOR_ADOPT", False),
+            retention_months=env.integer(
+                "ARXIO_AUDIT_RETENTION_MONTHS",
+                chain.DEFAULT_RETENTION_MONTHS,
+                minimum=1,
+                maximum=chain.MAX_RETENTION_MONTHS,
+            ),
         )
 
 
@@ -79,7 +97,13 @@ async def main() -> None:
         config.database_url, db.PoolSettings.from_env(Environment(), 10)
     )
     store = AuditStore(db.session_factory(engine))
-    checkpointer = Checkpointer(store, config.signing_key, config.trusted_keys)
+    checkpointer = Checkpointer(
+        store,
+        config.signing_key,
+        config.trusted_keys,
+        anchor_file=AnchorFile(config.anchor_file),
+        adopt_database=config.anchor_adopt,
+    )
     stopping = asyncio.Event()
     signing = asyncio.create_task(
         checkpointer.run(config.checkpoint_seconds, stopping)
@@ -96,12 +120,22 @@ async def main() -> None:
         [
             Registration(
                 audit_pb2_grpc.add_AuditServiceServicer_to_server,
-                AuditServicer(store, config.trusted_keys),
+                AuditServicer(
+                    store,
+                    config.trusted_keys,
+                    config.retention_months,
+                    checkpointer,
+                ),
                 "arxio.audit.v1.AuditService",
             ),
             Registration(
                 audit_pb2_grpc.add_AuditOperatorServiceServicer_to_server,
-                AuditOperatorServicer(store, config.trusted_keys),
+                AuditOperatorServicer(
+                    store,
+                    config.trusted_keys,
+                    config.retention_months,
+                    checkpointer,
+                ),
                 "arxio.audit.v1.AuditOperatorService",
             ),
         ],

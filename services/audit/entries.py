@@ -161,10 +161,27 @@ def _rest_grpc_status(line: Mapping, status_code: int) -> int | None:
     return LOCAL_REPLY_CODES.get(status_code, code_pb2.UNKNOWN)
 
 
+def _method_and_content_type(line: Mapping) -> tuple[str, str]:
+    """Return the HTTP method and content type that the edge recorded.
+
+    The edge records both once its filter chain has removed a client's
+    x-arxio-original-* headers and copied the real values. A request that
+    Envoy rejected before its filter chain ran has only its own :method
+    and Content-Type, which no filter has changed.
+    """
+    method = _text(line, "method")
+    if method or "request_method" not in line:
+        # NOTE: in a line of an edge older than `request_method`, these
+        # values of a request rejected that early were the client's copies.
+        return method, _text(line, "content_type")
+
+    return _text(line, "request_method"), _text(line, "request_content_type")
+
+
 def audit_row(line: Mapping) -> AuditRow:
     """Build the row of one access-log line, or raise InvalidLogLine."""
     request_id = _request_id(line)
-    http_method = _text(line, "method")
+    http_method, content_type = _method_and_content_type(line)
     # The route, never the raw path: a path segment may carry whatever a
     # client typed, patient data included.
     if "route" in line:
@@ -180,7 +197,7 @@ def audit_row(line: Mapping) -> AuditRow:
     )
     status_code = _integer(line, "status") or 0
     grpc_status = _integer(line, "grpc_status")
-    if not _text(line, "content_type").startswith("application/grpc"):
+    if not content_type.startswith("application/grpc"):
         # Envoy's number for a REST request is derived from the HTTP
         # status, not the code of the JSON error the client got.
         grpc_status = _rest_grpc_status(line, status_code)

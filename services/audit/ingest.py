@@ -33,7 +33,7 @@ from typing import BinaryIO, NamedTuple
 
 import httpx
 import structlog
-from sqlalchemy import text
+from sqlalchemy import TextClause, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -78,23 +78,71 @@ REOPEN_RETRY_SECONDS = 1.0
 DEFAULT_DRAIN_SECONDS = 30.0
 DEFAULT_DRAIN_QUIET_SECONDS = 2.0
 
-_INSERT = text(
-    "INSERT INTO audit.events (event_id, time, chain_id, seq, org_id,"
-    " key_id, action, resource_type, method, endpoint, status_code,"
-    " grpc_status, response_time_ms, request_id, client_address, prev_hash,"
-    " hash, record_time) VALUES (:event_id, :time, :chain_id, :seq,"
-    " :org_id, :key_id, :action, :resource_type, :method, :endpoint,"
-    " :status_code, :grpc_status, :response_time_ms, :request_id,"
-    " :client_address, :prev_hash, :hash, :record_time)"
+
+def _insert_arrays(
+    table: str, columns: Sequence[tuple[str, str]]
+) -> TextClause:
+    """Build one INSERT of many rows, from one array parameter per column.
+
+    `columns` lists (name, SQL type). The statement stays one statement
+    whatever the number of rows, so a statement trigger runs once.
+    """
+    names = ", ".join(name for name, _ in columns)
+    arrays = ", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in columns)
+
+    return text(
+        f"INSERT INTO {table} ({names}) SELECT * FROM unnest({arrays})"
+    )
+
+
+# The trigger on audit.events checks each statement's rows against their
+# chains' heads, as one set, so a batch is inserted in one statement.
+_INSERT = _insert_arrays(
+    "audit.events",
+    [
+        ("event_id", "uuid"),
+        ("time", "timestamptz"),
+        ("chain_id", "uuid"),
+        ("seq", "bigint"),
+        ("org_id", "uuid"),
+        ("key_id", "text"),
+        ("action", "text"),
+        ("resource_type", "text"),
+        ("method", "text"),
+        ("endpoint", "text"),
+        ("status_code", "integer"),
+        ("grpc_status", "integer"),
+        ("response_time_ms", "bigint"),
+        ("request_id", "text"),
+        ("client_address", "text"),
+        ("prev_hash", "bytea"),
+        ("hash", "bytea"),
+        ("record_time", "timestamptz"),
+    ],
 )
 
 _SELECT_STORED_IDS = text(
     "SELECT request_id FROM audit.request_ids"
     " WHERE request_id = ANY(:request_ids)"
 )
-_INSERT_REQUEST_ID = text(
-    "INSERT INTO audit.request_ids (request_id, record_time)"
-    " VALUES (:request_id, :record_time)"
+# The fields that tell one request's entry from another's: every field
+# of an access-log line's row but the event id, which the ingester makes.
+_REPLAY_FIELDS = tuple(
+    field.name
+    for field in dataclasses.fields(AuditRow)
+    if field.name != "event_id"
+)
+_SELECT_STORED_ENTRIES = text(
+    "SELECT "
+    + ", ".join(
+        "org_id::text" if name == "org_id" else name for name in _REPLAY_FIELDS
+    )
+    + " FROM audit.events"
+    " WHERE chain_id = :chain AND request_id = ANY(:request_ids)"
+)
+_INSERT_REQUEST_IDS = _insert_arrays(
+    "audit.request_ids",
+    [("request_id", "text"), ("record_time", "timestamptz")],
 )
 
 _SELECT_OFFSET = text(
@@ -195,6 +243,31 @@ def read_batch(path: Path, start: int, limit: int = MAX_BATCH_LINES) -> Batch:
     return batch
 
 
+def replay_key(row: AuditRow) -> tuple:
+    """Return the fields that an exact copy of the row's line repeats."""
+    return tuple(getattr(row, name) for name in _REPLAY_FIELDS)
+
+
+def drop_replays(
+    rows: Sequence[AuditRow], stored: set[tuple]
+) -> tuple[list[AuditRow], int]:
+    """Drop each row whose `replay_key` is in `stored` or on an earlier
+    row: a copy of a line already stored, not a request of its own. Return
+    the rows left and how many were dropped.
+
+    `stored` contains the replay keys of entries in the trail. It is
+    extended.
+    """
+    kept = []
+    for row in rows:
+        key = replay_key(row)
+        if key not in stored:
+            stored.add(key)
+            kept.append(row)
+
+    return kept, len(rows) - len(kept)
+
+
 def unique_request_ids(
     rows: Sequence[AuditRow], stored: set[str]
 ) -> tuple[list[AuditRow], int]:
@@ -237,6 +310,18 @@ class Linked:
         return {**self.entry.__dict__, "record_time": self.record_time}
 
 
+def column_arrays(
+    rows: Sequence[dict], names: Sequence[str] | None = None
+) -> dict[str, list]:
+    """Turn rows into one list per column, for an `_insert_arrays` statement.
+
+    Takes the columns `names`, or every column of the first row.
+    """
+    names = list(rows[0]) if names is None else names
+
+    return {name: [row[name] for row in rows] for name in names}
+
+
 def chain_rows(
     rows: Sequence[AuditRow], heads: dict[uuid.UUID, ChainHead]
 ) -> list[Linked]:
@@ -259,6 +344,16 @@ def chain_rows(
         linked.append(Linked(entry, record_time))
 
     return linked
+
+
+class Stored(NamedTuple):
+    """Counts of a committed batch's rows that were not stored as read."""
+
+    # Rows stored under a fresh request id, because an entry of another
+    # request had theirs.
+    replaced: int
+    # Lines skipped as copies of lines already stored.
+    replayed: int
 
 
 class OffsetMoved(Exception):
@@ -349,11 +444,46 @@ class AuditIngester:
             },
         )
 
+    async def _stored_replay_keys(
+        self, session: AsyncSession, rows: Sequence[AuditRow]
+    ) -> set[tuple]:
+        """Return the replay keys of the stored entries that have the
+        request id of one of `rows`, read chain by chain under row-level
+        security."""
+        if not rows:
+            return set()
+        ids_by_chain: dict[uuid.UUID, list[str]] = {}
+        for row in rows:
+            chain_id = chain.chain_of(row.org_id)
+            ids_by_chain.setdefault(chain_id, []).append(row.request_id)
+        keys: set[tuple] = set()
+        for chain_id, request_ids in ids_by_chain.items():
+            await session.execute(
+                text("SELECT set_config('arxio.chain_id', :chain, true)"),
+                {"chain": str(chain_id)},
+            )
+            found = await session.execute(
+                _SELECT_STORED_ENTRIES,
+                {"chain": chain_id, "request_ids": request_ids},
+            )
+            keys.update(tuple(entry) for entry in found)
+        await session.execute(
+            text("SELECT set_config('arxio.chain_id', '', true)")
+        )
+
+        return keys
+
     async def _unique_rows(
         self, session: AsyncSession, rows: Sequence[AuditRow]
-    ) -> tuple[list[AuditRow], int]:
-        """Replace the request ids that the trail or the batch has already;
-        return the rows and how many ids were replaced.
+    ) -> tuple[list[AuditRow], Stored]:
+        """Drop the rows of replayed lines, then replace the request ids
+        that the trail or the batch has already.
+
+        A row is replayed when an entry has its request id, time and every
+        other field: an exact copy of a stored line appended to the log.
+        Only a different request with a repeated id gets a fresh id.
+        NOTE: a copy of a line whose entry the retention job dropped
+        matches no entry, so it is stored under a fresh id.
 
         Another ingester may store one of the ids after the check: then
         the insert into audit.request_ids fails, the batch is retried, and
@@ -364,6 +494,15 @@ class AuditIngester:
             {"request_ids": [row.request_id for row in rows]},
         )
         stored = set(found.scalars())
+        repeated = [row for row in rows if row.request_id in stored]
+        stored_keys = await self._stored_replay_keys(session, repeated)
+        rows, replayed = drop_replays(rows, stored_keys)
+        if replayed:
+            log.warning(
+                "audit.line_replayed",
+                skipped=replayed,
+                offset=self._offset,
+            )
         unique, replaced = unique_request_ids(rows, stored)
         if replaced:
             log.warning(
@@ -372,17 +511,18 @@ class AuditIngester:
                 offset=self._offset,
             )
 
-        return unique, replaced
+        return unique, Stored(replaced, replayed)
 
-    async def store(self, batch: Batch, current_file: str) -> int:
+    async def store(self, batch: Batch, current_file: str) -> Stored:
         """Insert a batch's rows and advance the offset, in one commit.
 
         Returns how many rows got a fresh request id because the trail or
-        the batch had theirs already.
+        the batch had theirs already, and how many replayed lines were
+        skipped.
         """
         async with self._sessions.begin() as session:
             await self._claim_offset(session, current_file, batch.start)
-            rows, replaced = await self._unique_rows(session, batch.rows)
+            rows, stored = await self._unique_rows(session, batch.rows)
             heads: dict[uuid.UUID, ChainHead] = {}
             for chain_id in sorted({chain.chain_of(r.org_id) for r in rows}):
                 await session.execute(
@@ -405,22 +545,15 @@ class AuditIngester:
             linked = chain_rows(rows, heads)
             await self._ensure_partitions(session, linked)
             if linked:
+                rows = [item.parameters() for item in linked]
                 await session.execute(
-                    _INSERT_REQUEST_ID,
-                    [
-                        {
-                            "request_id": item.entry.request_id,
-                            "record_time": item.record_time,
-                        }
-                        for item in linked
-                    ],
+                    _INSERT_REQUEST_IDS,
+                    column_arrays(rows, ["request_id", "record_time"]),
                 )
-                await session.execute(
-                    _INSERT, [item.parameters() for item in linked]
-                )
+                await session.execute(_INSERT, column_arrays(rows))
             await self._commit_offset(session, current_file, batch.end)
 
-        return replaced
+        return stored
 
     async def switch_file(
         self, old_file: str, old_end: int, new_file: str
@@ -540,8 +673,8 @@ class AuditIngester:
         if batch.end == self._offset:
             return False
         started = time.perf_counter()
-        repeated = await self.store(batch, current_file)
-        _observe_stored(batch, repeated)
+        stored = await self.store(batch, current_file)
+        _observe_stored(batch, stored)
         log.info(
             "audit.batch_stored",
             rows=len(batch.rows),
@@ -700,12 +833,13 @@ class AuditIngester:
         return committed[1]
 
 
-def _observe_stored(batch: Batch, repeated: int) -> None:
+def _observe_stored(batch: Batch, stored: Stored) -> None:
     committed = datetime.datetime.now(datetime.UTC)
     for row in batch.rows:
         lag = (committed - row.time).total_seconds()
         metrics.AUDIT_INGEST_LAG_SECONDS.observe(max(lag, 0.0))
-    metrics.AUDIT_INGEST_ENTRIES.inc(len(batch.rows))
+    metrics.AUDIT_INGEST_ENTRIES.inc(len(batch.rows) - stored.replayed)
+    metrics.AUDIT_INGEST_REPLAYED_LINES.inc(stored.replayed)
     metrics.AUDIT_INGEST_SKIPPED_LINES.inc(batch.skipped_lines)
     metrics.AUDIT_INGEST_LONG_LINES.inc(batch.long_lines)
     not_edge = sum(
@@ -715,7 +849,7 @@ def _observe_stored(batch: Batch, repeated: int) -> None:
     )
     replaced = metrics.AUDIT_INGEST_REPLACED_REQUEST_IDS
     replaced.labels(reason="not_edge_form").inc(not_edge)
-    replaced.labels(reason="repeated").inc(repeated)
+    replaced.labels(reason="repeated").inc(stored.replaced)
 
 
 async def _wait(stopping: asyncio.Event, seconds: float) -> None:

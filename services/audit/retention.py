@@ -45,6 +45,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from psycopg import sql
 
 from services.audit import chain
+from services.audit.chain import (
+    DEFAULT_RETENTION_MONTHS,
+    MAX_RETENTION_MONTHS,
+    retention_cutoff,
+)
 from services.common.config import ConfigError, Environment
 from services.common.db import check_sslmode
 from services.common.logging import configure_logging
@@ -52,7 +57,6 @@ from services.common.migrations import OWNER_ROLE
 
 log = structlog.get_logger()
 
-DEFAULT_RETENTION_MONTHS = 12
 EXIT_REJECTED = 3
 # Entries read per verification window. A window runs from one checkpoint
 # to a later one, so memory stays bounded however long a month is.
@@ -139,19 +143,6 @@ class RetentionReport:
             ("wouldDrop" if self.dry_run else "dropped"): self.dropped,
             "rejected": self.rejected.to_json() if self.rejected else None,
         }
-
-
-def retention_cutoff(now: datetime.datetime, months: int) -> datetime.datetime:
-    """Return 00:00 UTC on the first day of the oldest month to keep.
-
-    The current month and the `months` whole months before it are kept.
-    """
-    today = now.astimezone(datetime.UTC)
-    index = today.year * 12 + today.month - 1 - months
-
-    return datetime.datetime(
-        index // 12, index % 12 + 1, 1, tzinfo=datetime.UTC
-    )
 
 
 def partition_bounds(
@@ -642,6 +633,7 @@ class RetentionConfig:
                 "ARXIO_AUDIT_RETENTION_MONTHS",
                 DEFAULT_RETENTION_MONTHS,
                 minimum=1,
+                maximum=MAX_RETENTION_MONTHS,
             ),
             trusted_keys=keys,
         )

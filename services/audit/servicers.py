@@ -1,6 +1,7 @@
 """The audit query API: list, read, verify and export an organization's
 trail, and the operator's verification of any chain."""
 
+import datetime
 import json
 import uuid
 from collections.abc import Mapping
@@ -15,6 +16,7 @@ from google.api import httpbody_pb2
 from google.protobuf import timestamp_pb2
 
 from services.audit import chain
+from services.audit.checkpoints import Checkpointer, anchor_problems
 from services.audit.store import AuditStore, EventFilter
 from services.common import pagination, time_fields
 from services.common.errors import FieldViolation, abort, abort_invalid
@@ -99,16 +101,44 @@ async def verify_stored_chain(
     store: AuditStore,
     chain_id: uuid.UUID,
     keys: Mapping[str, Ed25519PublicKey],
+    retention_months: int = chain.DEFAULT_RETENTION_MONTHS,
+    checkpointer: Checkpointer | None = None,
 ) -> chain.Verification:
+    """Verify a stored chain. A retention cut must be at the end of a
+    month that `retention_months` no longer keep.
+
+    With `checkpointer`, the stored checkpoints are also compared with the
+    chain's anchor, so checkpoints that a database superuser deleted or
+    changed are reported even when the rest of the chain is consistent.
+    """
+    # The anchor before the checkpoints: a checkpoint is stored before it
+    # is remembered, so the database has every anchor read here.
+    anchor = checkpointer.anchor(chain_id) if checkpointer else None
+    anchor_file_empty = checkpointer is not None and (
+        checkpointer.anchor_file_empty
+    )
+    # Checkpoints before entries: a checkpoint signed while the entries
+    # are read would cover entries this read missed, which would look
+    # deleted. Every entry a checkpoint covers was stored before it.
+    last_removed_seq = await store.last_removed_seq(chain_id)
+    checkpoints = await store.checkpoints(chain_id)
     entries = [entry async for entry in store.chain_entries(chain_id)]
 
-    return chain.verify_chain(
+    result = chain.verify_chain(
         chain_id,
         entries,
-        await store.checkpoints(chain_id),
+        checkpoints,
         keys,
-        last_removed_seq=await store.last_removed_seq(chain_id),
+        last_removed_seq=last_removed_seq,
+        retention_months=retention_months,
     )
+    if checkpointer is not None:
+        result.problems += anchor_problems(
+            anchor, anchor_file_empty, checkpoints, keys
+        )
+        result.problems.sort(key=lambda problem: problem.seq)
+
+    return result
 
 
 async def _caller(context) -> str:
@@ -179,10 +209,17 @@ async def _filters(context, request) -> EventFilter:
 
 class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     def __init__(
-        self, store: AuditStore, keys: Mapping[str, Ed25519PublicKey]
+        self,
+        store: AuditStore,
+        keys: Mapping[str, Ed25519PublicKey],
+        retention_months: int = chain.DEFAULT_RETENTION_MONTHS,
+        checkpointer: Checkpointer | None = None,
     ) -> None:
         self._store = store
         self._keys = keys
+        self._retention_months = retention_months
+        # The anchors that verification compares the checkpoints with.
+        self._checkpointer = checkpointer
 
     async def ListAuditEvents(self, request, context):
         org_id = await _caller(context)
@@ -240,7 +277,11 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     async def VerifyAuditTrail(self, request, context):
         org_id = await _caller(context)
         result = await verify_stored_chain(
-            self._store, uuid.UUID(org_id), self._keys
+            self._store,
+            uuid.UUID(org_id),
+            self._keys,
+            self._retention_months,
+            self._checkpointer,
         )
 
         return verification_message(result)
@@ -253,14 +294,19 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             "type": "export",
             "chain_id": org_id,
             "last_removed_seq": await self._store.last_removed_seq(chain_id),
+            # What an offline verifier checks a retention cut against.
+            "retention_months": self._retention_months,
+            "export_time": chain.utc_text(datetime.datetime.now(datetime.UTC)),
         }
         lines.append(json.dumps(header))
+        # Read before the entries, as verify_stored_chain does.
+        checkpoints = await self._store.checkpoints(chain_id)
         async for entry in self._store.chain_entries(chain_id):
             lines.append(json.dumps({"type": "entry", **entry.to_json()}))
             if len(lines) >= EXPORT_CHUNK:
                 yield _ndjson(lines)
                 lines = []
-        for point in await self._store.checkpoints(chain_id):
+        for point in checkpoints:
             lines.append(json.dumps({"type": "checkpoint", **point.to_json()}))
         lines += [json.dumps(line) for line in public_key_lines(self._keys)]
         yield _ndjson(lines)
@@ -274,10 +320,17 @@ def _ndjson(lines: list[str]) -> httpbody_pb2.HttpBody:
 
 class AuditOperatorServicer(audit_pb2_grpc.AuditOperatorServiceServicer):
     def __init__(
-        self, store: AuditStore, keys: Mapping[str, Ed25519PublicKey]
+        self,
+        store: AuditStore,
+        keys: Mapping[str, Ed25519PublicKey],
+        retention_months: int = chain.DEFAULT_RETENTION_MONTHS,
+        checkpointer: Checkpointer | None = None,
     ) -> None:
         self._store = store
         self._keys = keys
+        self._retention_months = retention_months
+        # The anchors that verification compares the checkpoints with.
+        self._checkpointer = checkpointer
 
     async def VerifyOrganizationAuditTrail(self, request, context):
         if metadata_value(context, PRINCIPAL_HEADER) != "operator":
@@ -292,6 +345,12 @@ class AuditOperatorServicer(audit_pb2_grpc.AuditOperatorServiceServicer):
             await abort_invalid(
                 context, [FieldViolation("orgId", "must be a UUID")]
             )
-        result = await verify_stored_chain(self._store, chain_id, self._keys)
+        result = await verify_stored_chain(
+            self._store,
+            chain_id,
+            self._keys,
+            self._retention_months,
+            self._checkpointer,
+        )
 
         return verification_message(result)

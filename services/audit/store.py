@@ -134,8 +134,15 @@ class AuditStore:
     async def chain_entries(
         self, chain_id: uuid.UUID, after_seq: int = 0
     ) -> AsyncIterator[chain.Entry]:
-        """Yield a chain's entries after `after_seq`, in chain order."""
-        last = after_seq
+        """Yield a chain's entries after `after_seq`, in chain order.
+
+        Rows that share a seq come one after the other, ordered by time
+        and event id. The insert triggers reject such rows, but a superuser
+        can add them in replica mode, and so can the owner role after it
+        disables a trigger or attaches a filled table as a partition.
+        """
+        where = "seq > :after"
+        parameters: dict = {"chain": chain_id, "after": after_seq}
         while True:
             async with self._sessions.begin() as session:
                 await _scope_to_chain(session, chain_id)
@@ -143,17 +150,29 @@ class AuditStore:
                     await session.execute(
                         text(
                             f"SELECT {_ENTRY_COLUMNS} FROM audit.events"
-                            " WHERE chain_id = :chain AND seq > :after"
-                            " ORDER BY seq, time LIMIT :limit"
+                            f" WHERE chain_id = :chain AND {where}"
+                            " ORDER BY seq, time, event_id LIMIT :limit"
                         ),
-                        {"chain": chain_id, "after": last, "limit": _CHUNK},
+                        parameters | {"limit": _CHUNK},
                     )
                 ).all()
             for row in rows:
                 yield _entry(row)
             if len(rows) < _CHUNK:
                 return
-            last = rows[-1][3]
+            # The next page starts after the last row, not after its seq,
+            # so that a page boundary never skips a row with the same seq.
+            where = (
+                "seq >= :seq AND (seq, time, event_id)"
+                " > (:seq, :time, :event_id)"
+            )
+            last = _entry(rows[-1])
+            parameters = {
+                "chain": chain_id,
+                "seq": last.seq,
+                "time": last.time,
+                "event_id": last.event_id,
+            }
 
     async def checkpoints(self, chain_id: uuid.UUID) -> list[chain.Checkpoint]:
         async with self._sessions() as session:
@@ -163,6 +182,22 @@ class AuditStore:
                     " WHERE chain_id = :chain ORDER BY seq"
                 ),
                 {"chain": chain_id},
+            )
+
+            return [_checkpoint(row) for row in rows]
+
+    async def checkpoints_at(
+        self, chain_id: uuid.UUID, seqs: list[int]
+    ) -> list[chain.Checkpoint]:
+        """Return a chain's checkpoints at the given sequence numbers."""
+        async with self._sessions() as session:
+            rows = await session.execute(
+                text(
+                    f"SELECT {_CHECKPOINT_COLUMNS} FROM audit.checkpoints"
+                    " WHERE chain_id = :chain AND seq = ANY(:seqs)"
+                    " ORDER BY seq"
+                ),
+                {"chain": chain_id, "seqs": seqs},
             )
 
             return [_checkpoint(row) for row in rows]
@@ -222,6 +257,16 @@ class AuditStore:
 
         return value or 0
 
+    async def entries_stored_before(self, moment: datetime.datetime) -> bool:
+        """Tell whether any entry was stored before `moment`."""
+        async with self._sessions() as session:
+            return bool(
+                await session.scalar(
+                    text("SELECT audit.entries_stored_before(:moment)"),
+                    {"moment": moment},
+                )
+            )
+
     async def chain_heads(self) -> list[tuple[uuid.UUID, int, bytes, int]]:
         """Return each chain's head and its newest checkpoint's seq."""
         async with self._sessions() as session:
@@ -252,9 +297,11 @@ class AuditStore:
 
             return [(row[0], row[1], bytes(row[2])) for row in rows]
 
-    async def insert_checkpoint(self, point: chain.Checkpoint) -> None:
+    async def insert_checkpoint(self, point: chain.Checkpoint) -> bool:
+        """Insert a checkpoint; return False when the chain has one of the
+        same kind at that seq already, such as another replica's."""
         async with self._sessions.begin() as session:
-            await session.execute(
+            result = await session.execute(
                 text(
                     "INSERT INTO audit.checkpoints (chain_id, seq, hash,"
                     " month_end, issue_time, public_key_id, signature)"
@@ -264,3 +311,5 @@ class AuditStore:
                 ),
                 point.__dict__,
             )
+
+        return result.rowcount == 1

@@ -5,7 +5,8 @@ to UTF-8 without NUL, and every header must fit in gRPC metadata; the RPC
 must exist; operator methods need the operator token; every other method
 needs a well-formed, known, unexpired key, then an active organization, a
 client address inside its IP allowlist if it has one, room in the daily
-quota, the method's scope and a body that fits the RPC's message type.
+quota, a body within the edge's limit, the method's scope and a body that
+fits the RPC's message type.
 Every request whose key is known counts toward its organization's daily
 quota, even when a later check denies it; requests rejected before the key
 is known count for no organization.
@@ -49,6 +50,10 @@ from services.common.identity import (
     SCOPES_HEADER,
 )
 from services.common.plans import plan_limits
+from services.launcher.envoy_config import (
+    LOCAL_REPLY_MESSAGES,
+    MAX_REQUEST_BYTES,
+)
 
 log = structlog.get_logger()
 
@@ -94,9 +99,15 @@ class Decision:
     metadata: dict[str, str] = field(default_factory=dict)
     # The invalid fields of a request denied as INVALID_ARGUMENT.
     violations: list[FieldViolation] = field(default_factory=list)
+    # The HTTP status of a denial that the code's usual one does not fit,
+    # such as 413 for a body over the limit.
+    http_status_code: int | None = None
 
     @property
     def http_status(self) -> int:
+        if self.http_status_code is not None:
+            return self.http_status_code
+
         return HTTP_STATUS_OF_CODE[self.code.value[0]]
 
 
@@ -108,7 +119,8 @@ class RequestFacts:
     path: str
     headers: dict[str, str]
     request_id: str
-    # The request body as the edge buffered it (at most the body limit).
+    # The request body as the edge buffered it: at most MAX_REQUEST_BYTES
+    # and one byte more, which marks a body over the limit.
     body: bytes = b""
 
 
@@ -218,6 +230,28 @@ def _address_allowed(address: str, allowlist: tuple[IPNetwork, ...]) -> bool:
         client = client.ipv4_mapped
 
     return any(client in network for network in allowlist)
+
+
+def _size_denial(facts: RequestFacts, audit: dict) -> Decision | None:
+    """Deny a body over the edge's limit with 413.
+
+    The edge sends the decision at most MAX_REQUEST_BYTES + 1 bytes of a
+    body, so a longer one arrives cut to that length. The decision, not
+    Envoy's buffer filter, rejects it, so that the audit trail files the
+    413 under the key's organization.
+    """
+    if len(facts.body) <= MAX_REQUEST_BYTES:
+        return None
+    # gRPC reports a message over a receiver's limit as RESOURCE_EXHAUSTED.
+    # A REST caller gets the code of the edge's other 413 replies.
+    if facts.headers.get("content-type", "").startswith("application/grpc"):
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    else:
+        code = grpc.StatusCode.INVALID_ARGUMENT
+    decision = _deny(code, LOCAL_REPLY_MESSAGES[413], **audit)
+    decision.http_status_code = 413
+
+    return decision
 
 
 def _body_denial(
@@ -380,7 +414,9 @@ class AuthDecider:
                 **audit,
             )
 
-        denial = _body_denial(facts, method, audit)
+        denial = _size_denial(facts, audit) or _body_denial(
+            facts, method, audit
+        )
         if denial is not None:
             return denial
 
@@ -421,9 +457,11 @@ class AuthDecider:
         organization_denial = _organization_denial(facts, credential, identity)
         request_denial = None
         if organization_denial is None:
-            request_denial = _scope_denial(
-                method, credential, identity
-            ) or _body_denial(facts, method, identity)
+            request_denial = (
+                _size_denial(facts, identity)
+                or _scope_denial(method, credential, identity)
+                or _body_denial(facts, method, identity)
+            )
 
         return await self._count(
             credential, identity, organization_denial, request_denial

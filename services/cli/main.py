@@ -196,6 +196,7 @@ def _verify_export(args) -> dict:
         "lastSeq": result.last_seq,
         "problems": [problem.__dict__ for problem in result.problems],
         "unsignedEntries": result.unsigned_entries,
+        "retentionMonths": result.retention_months,
     }
     if result.unsigned_since is not None:
         output["unsignedSince"] = chain.utc_text(result.unsigned_since)

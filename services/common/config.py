@@ -64,6 +64,15 @@ class Environment:
 
         return value
 
+    def boolean(self, name: str, default: bool) -> bool:
+        raw = self.text(name, "true" if default else "false").lower()
+        if raw not in ("true", "false"):
+            raise ConfigError(
+                f"{name}={raw!r} is invalid: expected true or false"
+            )
+
+        return raw == "true"
+
     def port(self, name: str, default: int | None = None) -> int:
         return self.integer(name, default, minimum=0, maximum=65535)
 

@@ -111,9 +111,25 @@ AUDIT_INGEST_REPLACED_REQUEST_IDS = Counter(
     " repeated (an entry has it already).",
     ["reason"],
 )
+AUDIT_INGEST_REPLAYED_LINES = Counter(
+    "arxio_audit_ingest_replayed_lines_total",
+    "Access-log lines skipped because an entry of the same request, with"
+    " the same request id, time and fields, is stored already.",
+)
 AUDIT_INGEST_FAILURES = Counter(
     "arxio_audit_ingest_failures_total",
     "Batches that failed to commit and wait for a retry.",
+)
+
+AUDIT_CHECKPOINT_REJECTIONS = Counter(
+    "arxio_audit_checkpoint_rejections_total",
+    "Checkpoint runs that rejected a chain, and signed nothing, because"
+    " the database no longer matches the chain's newest checkpoint in the"
+    " anchor file, by reason: checkpoint_missing, checkpoint_changed or"
+    " checkpoint_invalid. Reason anchor_file_empty counts runs that signed"
+    " no chain because the anchor file was empty but the database held"
+    " checkpoints.",
+    ["reason"],
 )
 
 
@@ -168,6 +184,10 @@ class MetricsConfig:
         host = env.text(
             "ARXIO_METRICS_HOST", env.text("ARXIO_HOST", "127.0.0.1")
         )
+        # gRPC takes an IPv6 host in brackets ("[::]"); the HTTP server
+        # takes it bare.
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
 
         return cls(host=host, port=port)
 

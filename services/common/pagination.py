@@ -55,7 +55,9 @@ def decode_token(
         time, identifier = json.loads(base64.urlsafe_b64decode(padded))
         parsed = datetime.datetime.fromisoformat(time)
         if identifier_is_uuid:
-            uuid.UUID(identifier)
+            # uuid.UUID also reads forms PostgreSQL does not, such as
+            # "urn:uuid:..."; pass on the canonical text only.
+            identifier = str(uuid.UUID(identifier))
     except (
         ValueError,
         TypeError,

@@ -59,7 +59,7 @@ def main() -> None:
         log.error("launcher.config_invalid", error=str(error))
         raise SystemExit(2) from None
     stopping = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: stopping.set())
     stack = Stack(settings).start()
     print(

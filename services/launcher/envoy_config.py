@@ -48,6 +48,10 @@ METRICS_ADMIN_CLUSTER = "envoy_admin"
 # a gRPC client accepts by default, far above a 100-medication review.
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 MAX_REQUEST_BYTES = 64 * 1024
+# Body bytes that ext_authz sends the auth decision at most: one more than
+# the limit, so that the decision can distinguish a body over the limit,
+# which it rejects with 413, from one at the limit.
+AUTH_BODY_BYTES = MAX_REQUEST_BYTES + 1
 # Body limit of routes that skip the auth decision and verify a signature
 # instead (Stripe's webhook). Stripe documents no maximum event size, but
 # its events embed at most 10 items of each list, which keeps them far
@@ -223,14 +227,16 @@ def _error_format(code: int, request_id: str = "%REQ(X-REQUEST-ID)%") -> dict:
 
 
 # Dynamic metadata namespace of what the header_to_metadata filter records
-# for the access log: the edge's request id and the grpc-status a service
-# sent, which the REST routes strip from the response.
+# for the access log: the edge's request id, the request's method and
+# content type before transcoding, and the grpc-status a service sent,
+# which the REST routes strip from the response.
 EDGE_METADATA = "arxio.edge"
 
 # Envoy rejects some requests before it replaces a client's X-Request-ID
 # with its own. Its HTTP codec rejects some (431, 426, malformed HTTP/1,
 # the request headers timeout). Others lack a Host header, have a path
-# that is not absolute (`OPTIONS *`), or meet the overload manager's 503.
+# that is not absolute (`OPTIONS *`), ask for a protocol upgrade such as
+# WebSocket (403), or meet the overload manager's 503.
 # The filter chain never decodes these requests, so the header_to_metadata
 # filter has not recorded the edge's id. Their replies get a fresh id, the
 # same in the header and the body, so that a client never picks a reply's
@@ -309,32 +315,30 @@ def _status_filter(status: int, op: str = "EQ") -> dict:
 # application/grpc, application/grpc+proto and the like, but not gRPC-Web)
 # as HTTP 200 with grpc-status from the HTTP status and the reply's body
 # as grpc-message. The transcoder sets application/grpc on REST requests
-# too, so the mappers read the content type that the header_mutation
-# filter recorded from the client. A reply sent before that filter ran
-# has only the client's own header.
+# too, so the mappers read the content type that the header_to_metadata
+# filter recorded from the client. A request that the filter chain never
+# decoded has no recorded values, and only the client's own Content-Type,
+# which no filter has changed: a client-sent x-arxio-original-content-type
+# is never read.
 _GRPC_CONTENT_TYPE = {"safe_regex": {"regex": r"^application/grpc([+;].*)?$"}}
 _GRPC_REQUEST = {
     "or_filter": {
         "filters": [
             {
-                "header_filter": {
-                    "header": {
-                        "name": ORIGINAL_CONTENT_TYPE_HEADER,
-                        "string_match": _GRPC_CONTENT_TYPE,
-                    }
+                "metadata_filter": {
+                    "matcher": {
+                        "filter": EDGE_METADATA,
+                        "path": [{"key": "content_type"}],
+                        "value": {"string_match": _GRPC_CONTENT_TYPE},
+                    },
+                    # Envoy's default passes a request without the key.
+                    "match_if_key_not_found": False,
                 }
             },
             {
                 "and_filter": {
                     "filters": [
-                        {
-                            "header_filter": {
-                                "header": {
-                                    "name": ORIGINAL_METHOD_HEADER,
-                                    "present_match": False,
-                                }
-                            }
-                        },
+                        _NO_REQUEST_ID,
                         {
                             "header_filter": {
                                 "header": {
@@ -560,14 +564,27 @@ ACCESS_LOG_FORMAT = {
     # The X-Request-ID the client received: the edge's id, or the fresh
     # one a local reply mapper gave a request rejected that early.
     "reply_request_id": "%RESP(X-REQUEST-ID):64%",
-    "method": f"%REQ({ORIGINAL_METHOD_HEADER.upper()}?:METHOD):32%",
+    # The method and content type before transcoding, as the
+    # header_mutation filter copied them. Unset when the filter chain never
+    # decoded the request, so a client-sent copy of those headers is never
+    # logged.
+    "method": f"%DYNAMIC_METADATA({EDGE_METADATA}:method):32%",
+    "content_type": (
+        f"%DYNAMIC_METADATA({EDGE_METADATA}:content_type)"
+        f":{MAX_ORIGINAL_CONTENT_TYPE_LENGTH}%"
+    ),
+    # The request's own :method and Content-Type, which the transcoder
+    # changes. The ingester reads them only where `method` is unset: no
+    # filter ran, so they are what the client sent. Envoy's HTTP/1 codec
+    # passes no headers of a request it rejects (431, 426, malformed
+    # HTTP/1), so such a line has none of the four.
+    "request_method": "%REQ(:METHOD):32%",
+    "request_content_type": (
+        f"%REQ(CONTENT-TYPE):{MAX_ORIGINAL_CONTENT_TYPE_LENGTH}%"
+    ),
     # `<action>`, `<action>.grpc`, a guard's name, or "-" when no route
     # matched (see services/common/methods.py).
     "route": "%ROUTE_NAME%",
-    "content_type": (
-        f"%REQ({ORIGINAL_CONTENT_TYPE_HEADER.upper()})"
-        f":{MAX_ORIGINAL_CONTENT_TYPE_LENGTH}%"
-    ),
     "status": "%RESPONSE_CODE%",
     # What a gRPC caller got, from grpc-status. For other requests Envoy
     # derives it from the HTTP status, which may differ from the code in a
@@ -610,11 +627,17 @@ def edge_metadata_rules() -> dict:
 
     The filter runs right after header_mutation. On a request, so it runs
     only once Envoy has replaced a client's X-Request-ID, it records the
-    edge's id. On a response it runs before header_mutation removes
-    grpc-status on the REST routes, and records the service's code.
+    edge's id, and the method and content type that header_mutation has
+    just copied, a client's copies removed. On a response it runs before
+    header_mutation removes grpc-status on the REST routes, and records
+    the service's code.
     """
     return {
-        "request_rules": [_metadata_rule("x-request-id", "request_id")],
+        "request_rules": [
+            _metadata_rule("x-request-id", "request_id"),
+            _metadata_rule(ORIGINAL_METHOD_HEADER, "method"),
+            _metadata_rule(ORIGINAL_CONTENT_TYPE_HEADER, "content_type"),
+        ],
         "response_rules": [_metadata_rule("grpc-status", "grpc_status")],
     }
 
@@ -1008,11 +1031,11 @@ def _with_cors_headers(
     """Give Envoy's own replies to an allowed origin their CORS headers.
 
     The CORS filter adds them only to replies that pass through it: not to
-    the body limit's 413, which comes before it, nor to direct responses
-    (415, guard 400s, the API description) or the 404 of an unmatched
-    path. Each mapper gets a copy for allowed origins, placed before it,
-    that adds them, and every mapper adds `Vary: Origin`. The last mapper
-    covers replies below 400, which keep their body.
+    replies that Envoy sends before its filter chain runs, nor to direct
+    responses (415, guard 400s, the API description) or the 404 of an
+    unmatched path. Each mapper gets a copy for allowed origins, placed
+    before it, that adds them, and every mapper adds `Vary: Origin`. The
+    last mapper covers replies below 400, which keep their body.
     """
     allowed = _allowed_origin_filter(origins)
     vary = _header_option("vary", "origin")
@@ -1053,6 +1076,7 @@ def render(settings: EdgeSettings) -> dict:
         edge_key=certs / "edge.key",
         trusted_hops=settings.trusted_hops,
         max_request_bytes=MAX_REQUEST_BYTES,
+        auth_body_bytes=AUTH_BODY_BYTES,
         max_response_bytes=MAX_RESPONSE_BYTES,
         descriptor=settings.descriptor,
     )
@@ -1079,6 +1103,12 @@ def render(settings: EdgeSettings) -> dict:
         ],
         "retry_policy": UNSENT_REQUEST_RETRY,
     }
+    if settings.authorization:
+        # Room for the body that ext_authz buffers for the auth decision.
+        # Below it, an HTTP/1 body over the connection's 32 KiB got 413
+        # before the decision ran, and at AUTH_BODY_BYTES - 1 a chunked
+        # body of AUTH_BODY_BYTES stalled until the request timeout.
+        virtual_host["request_body_buffer_limit"] = AUTH_BODY_BYTES
     edge_guards.check_headers_without_auth(virtual_host["routes"])
     if settings.cors_origins:
         virtual_host["typed_per_filter_config"] = {

@@ -1,12 +1,14 @@
 """Start, watch and stop the suite's child processes."""
 
+import contextlib
 import os
 import resource
 import signal
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -14,6 +16,67 @@ from typing import IO
 import structlog
 
 log = structlog.get_logger()
+
+# Signals that end a run from outside: a CI timeout or `kill` sends
+# SIGTERM, and a closed terminal sends SIGHUP.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _raise_interrupt(signal_number: int, frame: object) -> None:
+    name = signal.Signals(signal_number).name
+    raise KeyboardInterrupt(f"received {name}")
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """Make SIGTERM and SIGHUP raise KeyboardInterrupt inside the block.
+
+    Children start in sessions of their own, so a signal to the parent
+    reaches none of them, and only the parent's `finally` blocks stop them.
+    Those blocks run on an exception, as after Ctrl-C, but not when a
+    signal's default action ends the process. The exception is
+    KeyboardInterrupt, not SystemExit, because pytest reports SystemExit
+    as one failed test and goes on. Outside the main thread, where Python
+    cannot set handlers, this does nothing.
+    """
+    if not _in_main_thread():
+        yield
+        return
+    previous = {
+        number: signal.signal(number, _raise_interrupt)
+        for number in STOP_SIGNALS
+    }
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+@contextlib.contextmanager
+def interrupts_ignored() -> Iterator[None]:
+    """Ignore SIGINT, SIGTERM and SIGHUP inside the block.
+
+    Cleanup runs in it, so that a second Ctrl-C or a SIGTERM that follows
+    the first cannot stop it halfway and leave children running. Outside
+    the main thread this does nothing.
+    """
+    if not _in_main_thread():
+        yield
+        return
+    numbers = (signal.SIGINT, *STOP_SIGNALS)
+    previous = {
+        number: signal.signal(number, signal.SIG_IGN) for number in numbers
+    }
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def raise_open_file_limit() -> int:
@@ -55,6 +118,9 @@ class ChildProcess:
     log_file: Path | None = None
     process: subprocess.Popen | None = field(default=None, init=False)
     _log: IO | None = field(default=None, init=False, repr=False)
+    # True from start() until the process group got its SIGKILL; after that
+    # the group id may belong to an unrelated process.
+    _group_alive: bool = field(default=False, init=False, repr=False)
 
     def start(self) -> None:
         output = None
@@ -72,6 +138,7 @@ class ChildProcess:
             # children in order, instead of every child at once.
             start_new_session=True,
         )
+        self._group_alive = True
         log.info("process.started", name=self.name, pid=self.process.pid)
 
     def running(self) -> bool:
@@ -85,6 +152,11 @@ class ChildProcess:
         return "\n".join(text[-lines:])
 
     def stop(self, timeout: float = 15.0) -> None:
+        """Send SIGTERM, wait up to `timeout` seconds, then SIGKILL.
+
+        Whatever the process left in its process group gets SIGKILL too.
+        Calling it again once the process has stopped does nothing.
+        """
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -98,6 +170,7 @@ class ChildProcess:
                 name=self.name,
                 exit_code=self.process.returncode,
             )
+        self._kill_group()
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -108,9 +181,34 @@ class ChildProcess:
             self.process.kill()
             self.process.wait()
             log.info("process.killed", name=self.name)
+        self._kill_group()
         if self._log is not None:
             self._log.close()
             self._log = None
+
+    def _kill_group(self) -> None:
+        """Send SIGKILL to what is left of the child's process group.
+
+        The child leads a session of its own (start_new_session), so its
+        process group id is its pid, and that group lives on while any
+        process the child started is in it.
+        """
+        if self.process is None or not self._group_alive:
+            return
+        self._group_alive = False
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        except PermissionError as error:
+            log.warning(
+                "process.group_kill_failed",
+                name=self.name,
+                process_group=self.process.pid,
+                error=str(error),
+            )
+            return
+        log.info("process.group_killed", name=self.name)
 
 
 def wait_until(

@@ -39,6 +39,7 @@ from services.launcher.processes import (
     ChildProcess,
     base_environment,
     free_port,
+    interrupts_ignored,
     raise_open_file_limit,
     wait_until,
 )
@@ -51,6 +52,7 @@ DESCRIPTOR = REPO_ROOT / "build" / "api_descriptor.pb"
 LOCAL_MODEL_NAME = "gemma3:270m"
 OPERATOR_TOKEN_FILE = "operator-token"
 AUDIT_SIGNING_KEY_FILE = "audit-signing.key"
+AUDIT_ANCHOR_FILE = "audit-anchors.ndjson"
 WEBHOOK_SECRET_FILE = "stripe-webhook-secret"
 START_TIMEOUT = 90.0
 
@@ -290,6 +292,17 @@ class Stack:
             # freed memory: resident memory grew by 190 MiB over 12 short
             # requests with the default, and stayed flat with 2 arenas.
             "MALLOC_ARENA_MAX": "2",
+            # ggml's CPU backend runs its threads with OpenMP (libgomp).
+            # Per the libgomp manual (GOMP_SPINCOUNT), idle threads
+            # busy-wait for 300,000 spins by default, but for only 100
+            # once a process has more OpenMP threads than CPUs. Each
+            # connection thread that runs a generation adds OpenMP
+            # threads, so a review's CPU time depended on the connections
+            # served: 17 s over one connection, 9.5 s after a second, for
+            # the example review on 2 cores (llama-cpp-python 0.3.36,
+            # gemma3:270m). With passive waiting it was 9.3 s from the
+            # first request on.
+            "OMP_WAIT_POLICY": "PASSIVE",
         }
 
         return self._child(
@@ -332,6 +345,9 @@ class Stack:
         if name == "audit":
             environment |= {
                 "ARXIO_AUDIT_SIGNING_KEY": str(self.audit_signing_key),
+                "ARXIO_AUDIT_ANCHOR_FILE": str(
+                    self.run_dir / AUDIT_ANCHOR_FILE
+                ),
                 "ARXIO_AUDIT_CHECKPOINT_SECONDS": str(
                     self.settings.checkpoint_seconds
                 ),
@@ -417,11 +433,19 @@ class Stack:
         for name in UPSTREAMS:
             for index, port in enumerate(self.replica_ports[name]):
                 child_name = name if index == 0 else f"{name}-{index + 1}"
+                environment = self._service_environment(
+                    name, port
+                ) | self._metrics_environment(child_name)
+                if name == "audit" and index:
+                    # Each replica keeps its own anchor file, as each pod
+                    # of the Kubernetes StatefulSet does.
+                    environment["ARXIO_AUDIT_ANCHOR_FILE"] = str(
+                        self.run_dir / f"{child_name}-anchors.ndjson"
+                    )
                 services[port] = self._child(
                     child_name,
                     [sys.executable, "-m", f"services.{name}"],
-                    self._service_environment(name, port)
-                    | self._metrics_environment(child_name),
+                    environment,
                 )
         if model is not None:
             wait_until(
@@ -525,11 +549,17 @@ class Stack:
             )
 
     def stop(self) -> None:
-        # Envoy first, so no new request reaches a stopping service.
-        for child in reversed(self.children):
-            child.stop()
-        self.children.clear()
-        if self._postgres is not None:
-            self._postgres.cleanup()
-            self._postgres = None
-            log.info("postgres.stopped")
+        """Stop every child, then the embedded PostgreSQL.
+
+        SIGINT, SIGTERM and SIGHUP are ignored meanwhile, so a second
+        Ctrl-C cannot leave part of the suite running. Calling it again
+        does nothing.
+        """
+        with interrupts_ignored():
+            # Envoy first, so no new request reaches a stopping service.
+            while self.children:
+                self.children.pop().stop()
+            if self._postgres is not None:
+                postgres, self._postgres = self._postgres, None
+                postgres.cleanup()
+                log.info("postgres.stopped")

@@ -15,6 +15,7 @@ message or a reply.
 import contextvars
 import ctypes
 import json
+import os
 import random
 import select
 import signal
@@ -92,6 +93,11 @@ FILE_TYPES = {
 # warnings as plain text.
 GGML_LOG_WARN = 3
 GGML_LOG_ERROR = 4
+
+# Prefixes of the environment variables that change how fast the model
+# runs: glibc's malloc tuning, the OpenMP runtime (libgomp) that ggml's CPU
+# backend uses for its threads, and ggml's own variables.
+SPEED_VARIABLE_PREFIXES = ("MALLOC_", "OMP_", "GOMP_", "GGML_")
 
 
 @llama_cpp.llama_log_callback
@@ -363,6 +369,29 @@ class LocalModel:
             "families": [self.family],
             "parameter_size": metadata.get("general.size_label", ""),
             "quantization_level": FILE_TYPES.get(file_type, "unknown"),
+        }
+
+    def settings(self) -> dict[str, Any]:
+        """Return the settings that decide how fast this process runs the
+        model: llama.cpp's context parameters in force, the CPUs the
+        process may run on and the environment variables that tune its
+        threads and memory allocator."""
+        params = self._llama.context_params
+        environment = {
+            name: value
+            for name, value in sorted(os.environ.items())
+            if name.startswith(SPEED_VARIABLE_PREFIXES)
+        }
+
+        return {
+            "model_path": self._llama.model_path,
+            "n_ctx": self._llama.n_ctx(),
+            "n_batch": params.n_batch,
+            "n_ubatch": params.n_ubatch,
+            "n_threads": params.n_threads,
+            "n_threads_batch": params.n_threads_batch,
+            "cpu_affinity": sorted(os.sched_getaffinity(0)),
+            "environment": environment,
         }
 
     def serves(self, name: Any) -> bool:
@@ -930,6 +959,7 @@ def serve(config: RuntimeConfig) -> None:
         model=model.name,
         path=str(config.model_path),
         duration_ms=round((time.perf_counter() - started) * 1000, 1),
+        settings=model.settings(),
     )
     server = ModelServer(config, model)
     stop = threading.Event()

@@ -240,6 +240,74 @@ class TestGrpcStatus:
         assert 404 == row.status_code
 
 
+class TestMethodAndContentType:
+    """The edge's recorded values win. A request that Envoy rejected before
+    its filter chain ran has only its own :method and Content-Type."""
+
+    @pytest.mark.parametrize(
+        ("fields", "method", "grpc_status", "status_code"),
+        [
+            # A transcoded request's own :method and Content-Type are POST
+            # and application/grpc. The recorded ones are what the client
+            # sent.
+            (
+                {"method": "GET", "content_type": None}
+                | {"request_method": "POST"}
+                | {"request_content_type": "application/grpc"}
+                | {"status": "404", "service_grpc_status": "5"},
+                "GET",
+                5,
+                404,
+            ),
+            # No recorded values, as on the 400 of a missing Host header.
+            (
+                {"request_method": "OPTIONS"}
+                | {"request_content_type": "text/plain", "status": "404"},
+                "OPTIONS",
+                5,
+                404,
+            ),
+            # A gRPC request rejected that early is read as gRPC.
+            (
+                {"request_method": "POST"}
+                | {"request_content_type": "application/grpc"}
+                | {"status": "200", "grpc_status": "14"},
+                "POST",
+                14,
+                503,
+            ),
+            # Envoy's HTTP/1 codec passes no header of a request it
+            # rejects.
+            ({"status": "431", "grpc_status": "2"}, "", 3, 431),
+        ],
+    )
+    def test_values_by_stage(self, fields, method, grpc_status, status_code):
+        line = log_line(
+            method=None,
+            content_type=None,
+            request_method=None,
+            request_content_type=None,
+            route=None,
+            grpc_status="12",
+            service_grpc_status=None,
+        )
+
+        row = audit_row(line | fields)
+
+        assert method == row.method
+        assert grpc_status == row.grpc_status
+        assert status_code == row.status_code
+
+    def test_older_edge_line_keeps_method(self):
+        """A line without request_method is read as it was written."""
+        line = log_line(method="DELETE", content_type="application/grpc")
+
+        row = audit_row(line)
+
+        assert "DELETE" == row.method
+        assert 0 == row.grpc_status
+
+
 def test_unreadable_line_row():
     moment = datetime.datetime(2026, 12, 4, 9, tzinfo=datetime.UTC)
 

@@ -18,7 +18,9 @@ from services.audit.ingest import (
     MAX_PARSED_LINE_BYTES,
     ChainHead,
     chain_rows,
+    drop_replays,
     read_batch,
+    replay_key,
     unique_request_ids,
 )
 from services.audit.log_rotation import DEFAULT_MAX_BYTES, RotationSettings
@@ -230,3 +232,43 @@ class TestUniqueRequestIds:
         assert THIRD_ID == ids[3]
         assert 4 == len(set(ids) - {EDGE_ID})
         assert set(ids) <= stored
+
+
+class TestDropReplays:
+    def test_stored_copy_dropped(self):
+        original = dataclasses.replace(row(MIDNIGHT), request_id=EDGE_ID)
+        # A copy of the stored line parses to a row with a new event id.
+        copy = dataclasses.replace(original, event_id=uuid.uuid4())
+        stored = {replay_key(original)}
+
+        kept, replayed = drop_replays([copy], stored)
+
+        assert [] == kept
+        assert 1 == replayed
+
+    def test_copy_within_batch_dropped(self):
+        first = dataclasses.replace(row(MIDNIGHT), request_id=EDGE_ID)
+        copy = dataclasses.replace(first, event_id=uuid.uuid4())
+
+        kept, replayed = drop_replays([first, copy], set())
+
+        assert [first] == kept
+        assert 1 == replayed
+
+    @pytest.mark.parametrize(
+        "change",
+        [
+            {"time": MIDNIGHT + datetime.timedelta(microseconds=1)},
+            {"status_code": 500},
+            {"method": "GET"},
+            {"org_id": None},
+        ],
+    )
+    def test_other_request_with_same_id_kept(self, change):
+        original = dataclasses.replace(row(MIDNIGHT), request_id=EDGE_ID)
+        other = dataclasses.replace(original, **change)
+
+        kept, replayed = drop_replays([other], {replay_key(original)})
+
+        assert [other] == kept
+        assert 0 == replayed

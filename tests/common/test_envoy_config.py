@@ -64,19 +64,71 @@ class TestRenderedConfig:
         assert 0 == completed.returncode, completed.stderr[-2000:]
 
     def test_filter_order(self):
-        """Headers first, the body limit before ext_authz, router last."""
+        """Headers first, ext_authz before the buffer filter, so that the
+        auth decision rejects a body over the limit, router last."""
         names = filters(render(settings(REPO_ROOT / ".run" / "certs")))
 
         assert [
             "envoy.filters.http.header_mutation",
             "envoy.filters.http.header_to_metadata",
-            "envoy.filters.http.buffer",
             "envoy.filters.http.cors",
             "envoy.filters.http.ext_authz",
+            "envoy.filters.http.buffer",
             "envoy.filters.http.lua",
             "envoy.filters.http.grpc_json_transcoder",
             "envoy.filters.http.router",
         ] == names
+
+    def test_auth_decision_gets_limit_plus_one(self):
+        """ext_authz sends one byte over the body limit, and the routes
+        let it buffer that much."""
+        config = render(settings(REPO_ROOT / ".run" / "certs"))
+        listener = config["static_resources"]["listeners"][0]
+        manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        [authz] = [
+            entry["typed_config"]
+            for entry in manager["http_filters"]
+            if entry["name"] == "envoy.filters.http.ext_authz"
+        ]
+        body = authz["with_request_body"]
+        virtual_host = manager["route_config"]["virtual_hosts"][0]
+
+        assert envoy_config.MAX_REQUEST_BYTES + 1 == body["max_request_bytes"]
+        assert body["allow_partial_message"] is True
+        assert (
+            body["max_request_bytes"]
+            == virtual_host["request_body_buffer_limit"]
+        )
+
+    def test_no_buffer_room_without_auth(self):
+        """Without ext_authz the buffer filter alone sets the limit."""
+        config = render(
+            dataclasses.replace(
+                settings(REPO_ROOT / ".run" / "certs"), authorization=False
+            )
+        )
+        listener = config["static_resources"]["listeners"][0]
+        manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        virtual_host = manager["route_config"]["virtual_hosts"][0]
+
+        assert "request_body_buffer_limit" not in virtual_host
+
+    def test_audit_fields_never_read_copied_headers(self):
+        """The access log and the local reply mappers never read the
+        x-arxio-original-* headers, which a client can send on a request
+        that Envoy rejects before header_mutation removes them."""
+        config = render(settings(REPO_ROOT / ".run" / "certs"))
+        listener = config["static_resources"]["listeners"][0]
+        manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        logged = str(envoy_config.ACCESS_LOG_FORMAT).lower()
+        mappers = str(manager["local_reply_config"]).lower()
+
+        for name in (
+            envoy_config.ORIGINAL_METHOD_HEADER,
+            envoy_config.ORIGINAL_CONTENT_TYPE_HEADER,
+        ):
+            assert name not in logged
+            assert name not in mappers
 
     def test_every_rest_binding_routed(self):
         """Each REST binding in the protos has its own route."""

@@ -113,3 +113,26 @@ class EdgeInstance:
             self.process.kill()
             self.process.wait()
         self.process = None
+
+
+def overloaded_edge(stack, folder: Path) -> EdgeInstance:
+    """Start an edge whose overload manager sheds every request, with a
+    503, but no connection, and that writes the suite's own access log,
+    which the ingester stores."""
+
+    def overloaded_into_suite_log(config: dict) -> None:
+        actions = config["overload_manager"]["actions"]
+        config["overload_manager"]["actions"] = [
+            action
+            for action in actions
+            if not action["name"].endswith("stop_accepting_connections")
+        ]
+        listener = config["static_resources"]["listeners"][0]
+        manager = listener["filter_chains"][0]["filters"][0]
+        [access_log] = manager["typed_config"]["access_log"]
+        access_log["typed_config"]["path"] = str(stack.access_log_path)
+
+    # A heap maximum of 1 MB: Envoy's heap is always larger.
+    return EdgeInstance(
+        stack, folder, overloaded_into_suite_log, max_heap_bytes=10**6
+    ).start()

@@ -10,6 +10,7 @@ into the "Faults" section of docs/benchmarks.md.
 import datetime
 import http.server
 import json
+import os
 import socketserver
 import threading
 import time
@@ -23,11 +24,14 @@ import psycopg
 from arxio.cds.v1 import cds_pb2, cds_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.common import percentile as nearest_rank
 from services.launcher.stack import REPO_ROOT, Stack, health_status
 from tests.edge import EdgeClient
 
 RUN_ROOT = REPO_ROOT / ".run"
 FIGURES_DIR = RUN_ROOT / "faults"
+# Figures files that the running test wrote, whose result is not known yet.
+_figures_without_result: list[Path] = []
 REVIEW_PATH = "/v1/cds/clinical-review"
 RULES_ONLY = {
     "medications": [{"name": "warfarin"}, {"name": "ibuprofen"}],
@@ -95,6 +99,28 @@ class Recorder:
 Send = Callable[[], Outcome]
 
 
+def guarded(send: Send, kind: str) -> Send:
+    """Return `send` with any exception it raises turned into a failed
+    outcome, so that a client thread never dies without a record."""
+
+    def send_guarded() -> Outcome:
+        started = time.monotonic()
+        try:
+            return send()
+        except Exception as error:
+            return Outcome(
+                kind,
+                started,
+                time.monotonic(),
+                "client error",
+                None,
+                False,
+                repr(error),
+            )
+
+    return send_guarded
+
+
 class LoadClients:
     """Client threads that each repeat one request until stopped."""
 
@@ -102,7 +128,11 @@ class LoadClients:
         self.recorder = recorder
         self._stop = threading.Event()
         self._threads = [
-            threading.Thread(target=self._run, args=(send,), daemon=True)
+            threading.Thread(
+                target=self._run,
+                args=(guarded(send, "sender"),),
+                daemon=True,
+            )
             for send in senders
         ]
 
@@ -179,19 +209,24 @@ def rest_sender(
     return send
 
 
+def grpc_review_request(model_review: bool) -> cds_pb2.ClinicalReviewRequest:
+    """Return the gRPC review of warfarin with ibuprofen, an interaction."""
+    return cds_pb2.ClinicalReviewRequest(
+        medications=[
+            cds_pb2.Medication(name="warfarin"),
+            cds_pb2.Medication(name="ibuprofen"),
+        ],
+        options=cds_pb2.ReviewOptions(model_review=model_review),
+    )
+
+
 def grpc_review_sender(
     edge: EdgeClient, api_key: str, timeout: float = 30.0
 ) -> Send:
     """Return a sender of rules-only reviews over native gRPC."""
     channel = edge.channel()
     stub = cds_pb2_grpc.ClinicalDecisionSupportServiceStub(channel)
-    request = cds_pb2.ClinicalReviewRequest(
-        medications=[
-            cds_pb2.Medication(name="warfarin"),
-            cds_pb2.Medication(name="ibuprofen"),
-        ],
-        options=cds_pb2.ReviewOptions(model_review=False),
-    )
+    request = grpc_review_request(model_review=False)
 
     def send() -> Outcome:
         started = time.monotonic()
@@ -356,10 +391,8 @@ def percentile(values: list[float], fraction: float) -> float:
     """Return the nearest-rank percentile; 0.0 for no values."""
     if not values:
         return 0.0
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))
 
-    return ordered[index]
+    return nearest_rank(sorted(values), fraction)
 
 
 def latency_ms(outcomes: list[Outcome]) -> dict[str, float]:
@@ -374,7 +407,13 @@ def latency_ms(outcomes: list[Outcome]) -> dict[str, float]:
 
 
 def write_figures(name: str, figures: dict) -> Path:
-    """Write one fault test's figures to .run/faults/NAME.json."""
+    """Write one fault test's figures to .run/faults/NAME.json.
+
+    Unless `figures` has its own "passed", the record stores "passed":
+    false until record_test_result() stores the test's result. The hook in
+    tests/e2e/conftest.py calls it once the test ends, so a failed or
+    interrupted test never leaves figures that read as passed.
+    """
     FIGURES_DIR.mkdir(parents=True, exist_ok=True)
     path = FIGURES_DIR / f"{name}.json"
     record = {
@@ -382,10 +421,43 @@ def write_figures(name: str, figures: dict) -> Path:
         "date": datetime.datetime.now(datetime.UTC).isoformat(
             timespec="seconds"
         ),
+        "passed": False,
+        # The test that wrote the figures: "tests/e2e/x.py::test_y (call)".
+        "test": os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0],
     } | figures
     path.write_text(json.dumps(record, indent=2) + "\n")
+    if "passed" not in figures:
+        _figures_without_result.append(path)
 
     return path
+
+
+def mark_figures_stale(test_id: str) -> None:
+    """Store "passed": false in the figures that the test `test_id` wrote
+    in an earlier run, before it runs again.
+
+    A test that fails before it writes its figures would otherwise leave
+    the last run's result standing.
+    """
+    if not FIGURES_DIR.is_dir():
+        return
+    for path in FIGURES_DIR.glob("*.json"):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if record.get("test") == test_id and record.get("passed"):
+            record["passed"] = False
+            path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def record_test_result(passed: bool) -> None:
+    """Store the result of the test that just ended in the figures it wrote."""
+    while _figures_without_result:
+        path = _figures_without_result.pop()
+        record = json.loads(path.read_text())
+        record["passed"] = passed
+        path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 class _ChatHandler(http.server.BaseHTTPRequestHandler):

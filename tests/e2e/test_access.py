@@ -154,7 +154,7 @@ class TestResponseHeaders:
         assert first.headers["x-request-id"] != second.headers["x-request-id"]
 
     def test_oversized_body_gets_413_json(self, edge, new_org):
-        """A body over 64 KiB gets 413 in JSON, before authentication."""
+        """A body over 64 KiB gets 413 in JSON."""
         body = {"question": "x" * (65 * 1024)}
 
         response = edge.request(

@@ -1,5 +1,7 @@
 """The audit trail: one row per request, scoped to its organization."""
 
+import base64
+import json
 import time
 
 import grpc
@@ -36,6 +38,17 @@ def stored_rows(stack, request_ids: list[str]) -> dict[str, tuple]:
                 missing = set(request_ids) - set(found)
                 raise AssertionError(f"no audit row for {sorted(missing)}")
             time.sleep(0.25)
+
+
+def stored_reviews(stack, edge, key: dict, count: int) -> None:
+    """Send `count` rules-only reviews and wait until all are stored."""
+    sent = [
+        edge.request("POST", REVIEW_PATH, RULES_ONLY, key).headers[
+            "x-request-id"
+        ]
+        for _ in range(count)
+    ]
+    stored_rows(stack, sent)
 
 
 class TestCompleteness:
@@ -194,13 +207,7 @@ class TestIsolation:
         """Pages of two entries follow each other, newest first."""
         org = new_org()
         key = {"x-api-key": org.api_key}
-        sent = [
-            edge.request("POST", REVIEW_PATH, RULES_ONLY, key).headers[
-                "x-request-id"
-            ]
-            for _ in range(3)
-        ]
-        stored_rows(stack, sent)
+        stored_reviews(stack, edge, key, 3)
 
         first = edge.request("GET", "/v1/audit?pageSize=2", headers=key).json()
         second = edge.request(
@@ -220,6 +227,37 @@ class TestIsolation:
             for event in first["auditEvents"] + second["auditEvents"]
         ]
         assert len(listed) == len(set(listed))
+
+    def test_page_token_with_other_uuid_spellings(self, stack, edge, new_org):
+        """A token id spelled urn:uuid:... or {...} reads the same page.
+
+        Python's uuid reads these spellings and PostgreSQL does not, so
+        the token's id must reach the query in its canonical form.
+        """
+        org = new_org()
+        key = {"x-api-key": org.api_key}
+        stored_reviews(stack, edge, key, 3)
+        first = edge.request("GET", "/v1/audit?pageSize=2", headers=key).json()
+        token = first["nextPageToken"]
+        when, identifier = json.loads(
+            base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        )
+        expected = edge.request(
+            "GET", f"/v1/audit?pageSize=2&pageToken={token}", headers=key
+        ).json()
+
+        for spelling in (f"urn:uuid:{identifier}", f"{{{identifier}}}"):
+            forged = (
+                base64.urlsafe_b64encode(json.dumps([when, spelling]).encode())
+                .decode()
+                .rstrip("=")
+            )
+            response = edge.request(
+                "GET", f"/v1/audit?pageSize=2&pageToken={forged}", headers=key
+            )
+
+            assert 200 == response.status, response.body
+            assert expected == response.json()
 
     def test_invalid_page_token_rejected(self, edge, new_org):
         """A forged page token gets 400 naming pageToken."""

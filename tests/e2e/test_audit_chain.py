@@ -1,15 +1,25 @@
 """The chained audit trail: verification catches every change, exports
 verify offline, and queries filter and read single entries."""
 
+import asyncio
+import dataclasses
+import datetime
 import json
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from services.audit import chain
+from services.audit.checkpoints import Checkpointer
+from services.audit.servicers import verify_stored_chain
+from services.audit.store import AuditStore
+from services.common import db
+from services.common.migrations import service_role
 from tests.e2e.test_audit import stored_rows
 from tests.suite import cli_process
 
@@ -207,6 +217,95 @@ class TestVerification:
         assert "inserted" in {p["kind"] for p in report["problems"]}
 
 
+def stored_entry(
+    stack, request_id: str
+) -> tuple[chain.Entry, datetime.datetime]:
+    """Read an entry as stored, with its record_time."""
+    with psycopg.connect(stack.admin_database_url) as connection:
+        row = connection.execute(
+            "SELECT event_id, time, chain_id, seq, org_id::text, key_id,"
+            " action, resource_type, method, endpoint, status_code,"
+            " grpc_status, response_time_ms, request_id, client_address,"
+            " prev_hash, hash, record_time FROM audit.events"
+            " WHERE request_id = %s",
+            (request_id,),
+        ).fetchone()
+
+    entry = chain.Entry(
+        *row[:15], prev_hash=bytes(row[15]), hash=bytes(row[16])
+    )
+
+    return entry, row[17]
+
+
+LOWEST_ID = uuid.UUID("00000000-0000-4000-8000-000000000000")
+HIGHEST_ID = uuid.UUID("ffffffff-ffff-4fff-bfff-ffffffffffff")
+
+
+class TestRepeatedSeq:
+    """A second row at an entry's seq, inserted by the superuser with the
+    triggers disabled, is named and the genuine entry is not, whichever
+    of the two the chain's order by time and event id reads first."""
+
+    @pytest.mark.parametrize(
+        ("position", "time_offset_ms", "event_id"),
+        [
+            (2, -1, LOWEST_ID),
+            (2, 1, HIGHEST_ID),
+            (2, 0, LOWEST_ID),
+            (2, 0, HIGHEST_ID),
+            (5, -1, LOWEST_ID),
+            (5, 0, HIGHEST_ID),
+        ],
+    )
+    def test_forged_row_named(
+        self, stack, edge, trail, position, time_offset_ms, event_id
+    ):
+        """The forged row links to the same previous entry, and its hash
+        recomputes. Only the next entry links to the genuine one, or at the
+        head the checkpoint does."""
+        org, request_ids = trail
+        genuine, record_time = stored_entry(stack, request_ids[position])
+        offset = datetime.timedelta(milliseconds=time_offset_ms)
+        fields = dataclasses.asdict(genuine)
+        del fields["hash"]
+        fields |= {
+            "event_id": event_id,
+            "time": genuine.time + offset,
+            "status_code": 500,
+            "request_id": f"{genuine.request_id}-forged",
+        }
+        forged = chain.link_entry(**fields)
+        tamper(
+            stack,
+            "INSERT INTO audit.events (event_id, time, chain_id, seq,"
+            " org_id, key_id, action, resource_type, method, endpoint,"
+            " status_code, grpc_status, response_time_ms, request_id,"
+            " client_address, prev_hash, hash, record_time) VALUES (%s, %s,"
+            " %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
+            " %s)",
+            *[getattr(forged, name) for name in forged.hashed_fields()],
+            forged.hash,
+            # Another record_time: the unique index includes it.
+            record_time + (offset or datetime.timedelta(microseconds=1)),
+        )
+
+        code, report = cli_verify(stack, org.org_id)
+        own = edge.request(
+            "GET", "/v1/audit:verify", None, {"x-api-key": org.api_key}
+        ).json()
+
+        expected = [("inserted", genuine.seq, str(event_id))]
+        assert 3 == code, report
+        assert expected == [
+            (p["kind"], int(p["seq"]), p["eventId"])
+            for p in report["problems"]
+        ]
+        assert expected == [
+            (p["kind"], int(p["seq"]), p["eventId"]) for p in own["problems"]
+        ]
+
+
 class TestExport:
     def test_export_verifies_offline(self, stack, edge, trail, tmp_path):
         org, _ = trail
@@ -356,3 +455,51 @@ class TestQueries:
 
         assert 400 == response.status
         assert field in response.body.decode()
+
+
+class TestReadOrder:
+    def test_checkpoint_signed_while_entries_read(self, stack, edge, trail):
+        """A checkpoint signed after verify read the entries covers an
+        entry that the read missed. Verify reads the checkpoints first, so
+        that entry is not reported deleted."""
+        org, _ = trail
+        key = chain.load_private_key(
+            (stack.run_dir / "audit-signing.key").read_bytes()
+        )
+        keys = {chain.public_key_id(key.public_key()): key.public_key()}
+
+        class SignedAfterRead(AuditStore):
+            """The store, with a new entry stored and signed right after
+            the entries were read."""
+
+            def __init__(self, sessions, checkpointer):
+                super().__init__(sessions)
+                self._checkpointer = checkpointer
+
+            async def chain_entries(self, chain_id, *args):
+                async for entry in super().chain_entries(chain_id, *args):
+                    yield entry
+                stored_rows(stack, send_reviews(edge, org, 1))
+                await self._checkpointer.run_once()
+
+        async def verify() -> chain.Verification:
+            engine = db.create_engine(
+                db.with_user(stack.admin_database_url, service_role("audit")),
+                pool_size=2,
+            )
+            try:
+                sessions = db.session_factory(engine)
+                checkpointer = Checkpointer(AuditStore(sessions), key, keys)
+                store = SignedAfterRead(sessions, checkpointer)
+
+                return await verify_stored_chain(
+                    store, uuid.UUID(org.org_id), keys
+                )
+            finally:
+                await engine.dispose()
+
+        result = asyncio.run(verify())
+        newest = wait_for_checkpoint_at_head(stack, org.org_id)
+
+        assert result.intact, result.problems
+        assert newest == result.last_seq + 1

@@ -18,7 +18,8 @@ from services.audit.entries import (
     EDGE_REQUEST_ID,
     REPLACED_REQUEST_ID_PREFIX,
 )
-from tests.e2e.edge_instance import EdgeInstance
+from tests.e2e.edge_instance import EdgeInstance, overloaded_edge
+from tests.e2e.fault_load import sample_sum, scrape
 from tests.e2e.test_audit_rotation import ingester_events
 from tests.e2e.test_edge_replies import raw_exchange
 from tests.edge import EdgeClient
@@ -27,6 +28,7 @@ from tests.suite import Organization, own_stack
 pytestmark = pytest.mark.e2e
 
 CLIENT_ID = "chosen-by-the-client"
+REPLAYED = "arxio_audit_ingest_replayed_lines_total"
 LONG_CLIENT_ID = "x" * 20000
 # Envoy flushes the suite's access log every 0.2 s, and the second edge's
 # every 10 s (Envoy's default); allow for a slow machine.
@@ -181,23 +183,7 @@ class TestEarlyRejections:
     def test_overload_reply(self, id_stack, tmp_path):
         """The overload manager's 503 comes before Envoy replaces a
         client's id; its reply and entry get a fresh one all the same."""
-
-        def overloaded_into_suite_log(config: dict) -> None:
-            actions = config["overload_manager"]["actions"]
-            config["overload_manager"]["actions"] = [
-                action
-                for action in actions
-                if not action["name"].endswith("stop_accepting_connections")
-            ]
-            listener = config["static_resources"]["listeners"][0]
-            manager = listener["filter_chains"][0]["filters"][0]
-            [access_log] = manager["typed_config"]["access_log"]
-            access_log["typed_config"]["path"] = str(id_stack.access_log_path)
-
-        # A heap maximum of 1 MB: Envoy's heap is always larger.
-        instance = EdgeInstance(
-            id_stack, tmp_path, overloaded_into_suite_log, max_heap_bytes=10**6
-        ).start()
+        instance = overloaded_edge(id_stack, tmp_path)
         request = (
             b"GET /v1/audit HTTP/1.1\r\nhost: localhost\r\n"
             + f"x-request-id: {CLIENT_ID}\r\n".encode()
@@ -281,3 +267,36 @@ class TestRepeatedIds:
         [(stored_id,)] = stored
         assert stored_id.startswith(REPLACED_REQUEST_ID_PREFIX)
         assert 1 == stored_count(id_stack, request_id)
+
+    def test_replayed_line_skipped(self, id_stack, edge):
+        """An exact copy of a stored line, appended to the log, is a replay:
+        it is skipped and counted, not stored under a fresh id."""
+        request_id = edge.request("GET", "/v1/audit").headers["x-request-id"]
+        entries(id_stack, [request_id])
+        [line] = [
+            line
+            for line in id_stack.access_log_path.read_bytes().splitlines()
+            if request_id.encode() in line
+        ]
+        replays_before = ingester_events(id_stack, "audit.line_replayed")
+
+        with id_stack.access_log_path.open("ab") as log:
+            log.write(line + b"\n")
+        # The ingester stores lines in file order, so once the next
+        # request's entry is stored, the copy before it has been read.
+        after = edge.request("GET", "/v1/audit").headers["x-request-id"]
+        entries(id_stack, [after])
+
+        with psycopg.connect(id_stack.admin_database_url) as connection:
+            same_time = connection.execute(
+                "SELECT count(*) FROM audit.events WHERE time ="
+                " (SELECT time FROM audit.events WHERE request_id = %s)",
+                (request_id,),
+            ).fetchone()[0]
+        assert 1 == stored_count(id_stack, request_id)
+        assert 1 == same_time
+        assert ingester_events(id_stack, "audit.line_replayed") > (
+            replays_before
+        )
+        samples = scrape(id_stack.metrics_ports["audit-ingest"])
+        assert sample_sum(samples, REPLAYED) >= 1

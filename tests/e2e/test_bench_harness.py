@@ -17,7 +17,7 @@ import pytest
 
 from bench.common import BENCHMARKS_DOC, REPO_ROOT, RUN_ROOT
 from bench.harness import SCENARIOS
-from bench.model_scenario import model_unavailable_reason
+from bench.model_scenario import RAW_CPU_NAME, model_unavailable_reason
 from bench.report import COLUMNS, SECTION_HEADING, TABLE_HEADER
 
 pytestmark = pytest.mark.e2e
@@ -146,6 +146,39 @@ def test_model_skipped_only_without_runtime(run):
         assert skipped.startswith("the model runtime is unavailable")
 
 
+@pytest.fixture
+def model_figures(run) -> dict:
+    """Return the model review's figures, or skip without the model."""
+    if not model_available():
+        pytest.skip("the model runtime is unavailable")
+    _, _, numbers = run
+
+    return numbers["model_review"]
+
+
+def test_model_baseline_own_process(model_figures):
+    facts = model_figures["facts"]
+    assert facts["baseline_pid"] != facts["harness_pid"]
+    assert facts["baseline_pid"] != facts["runtime_pid"]
+    cpu = model_figures["baseline"]["cpu_seconds"]
+    assert list(cpu) == [RAW_CPU_NAME]
+    assert cpu[RAW_CPU_NAME] > 0
+
+
+def test_model_baseline_runtime_settings(model_figures):
+    facts = model_figures["facts"]
+    assert facts["runtime_settings"]["n_threads"] >= 1
+    assert facts["baseline_settings"] == facts["runtime_settings"]
+    # The launcher pins libgomp's wait policy, which otherwise changes with
+    # the number of connections the runtime has served.
+    environment = facts["runtime_settings"]["environment"]
+    assert environment.get("OMP_WAIT_POLICY") == "PASSIVE"
+
+
+def test_model_paths_same_summary(model_figures):
+    assert model_figures["facts"].get("same_summary") is True
+
+
 def test_servers_counted_requests(run):
     _, _, numbers = run
     for key in COMPARISONS:
@@ -185,3 +218,20 @@ def test_machine_described(run):
         assert rows.get(name), name
     assert rows["cores"].split()[0].isdigit()
     assert re.match(r"^\d+\.\d+\.\d+", rows["Envoy"])
+
+
+def test_scaling_verdict_per_configuration(run):
+    _, page, _ = run
+    lines = section_of(page).splitlines()
+    start = next(
+        index
+        for index, line in enumerate(lines)
+        if line.startswith("Scaling past one process on ")
+    )
+    verdicts = [line for line in lines[start + 1 :] if line.startswith("- ")]
+    configurations = verdicts[:2]
+    assert len(configurations) == 2
+    assert "behind the edge" in configurations[0]
+    assert "CDS service called directly" in configurations[1]
+    for line in configurations:
+        assert re.search(r"(scaled|did not scale): ", line), line

@@ -36,7 +36,8 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 # Seconds of load before the kill, while auth is down and after it is back.
 STEADY = 3.0
 DOWN = 5.0
-# Seconds after the kill for requests already past auth to finish.
+# Seconds after the kill for requests already past auth to reach their
+# service, before the count of RPCs that services served starts.
 SETTLE = 1.0
 # Seconds by which requests pass again once auth reports SERVING.
 RECOVERY_LIMIT = 5.0
@@ -88,10 +89,11 @@ def test_killed_auth_lets_nothing_through():
         recorder = Recorder()
         with LoadClients(recorder, senders):
             time.sleep(STEADY)
-            killed = time.monotonic()
+            killing = time.monotonic()
             auth.kill()
+            # auth has exited: no request started from here on can pass.
+            killed = time.monotonic()
             time.sleep(SETTLE)
-            settled = time.monotonic()
             served_before = {
                 name: service_rpcs(stack, name) for name in SERVICES
             }
@@ -105,7 +107,7 @@ def test_killed_auth_lets_nothing_through():
             serving = time.monotonic()
             time.sleep(STEADY)
         outcomes = recorder.snapshot()
-        down = recorder.started_between(settled, restarting)
+        down = recorder.started_between(killed, restarting)
         after = recorder.started_between(serving, float("inf"))
         first_pass = min((o.finished for o in after if o.ok), default=None)
         recovered_after = None
@@ -143,7 +145,7 @@ def test_killed_auth_lets_nothing_through():
         assert [] == [
             (o.kind, o.status)
             for o in outcomes
-            if o.finished < killed and not o.ok
+            if o.finished < killing and not o.ok
         ]
         assert recovered_after is not None
         assert recovered_after <= RECOVERY_LIMIT

@@ -1,13 +1,16 @@
 """PostgreSQL restarted under load: 503 only while it is down.
 
-Reviews over REST and native gRPC and audit pages run throughout. While
-the database is down every request fails with 503 (UNAVAILABLE over
-gRPC) and auth's health is NOT_SERVING. Within five seconds of the
-database's return every request succeeds again, with the same service
-processes, and every request has its audit entry. The single-request
+Reviews over REST and native gRPC, audit pages and billing usage run
+throughout. Every request started after the database stopped fails with
+503 (UNAVAILABLE over gRPC) until it is back, and the health of each
+service that uses it (auth, audit, billing) turns NOT_SERVING. Within five
+seconds of the database's return every request succeeds again and those
+services report SERVING, with the same service processes, and every
+request has its audit entry. The single-request
 version of this outage is in test_database_outage.py.
 """
 
+import contextlib
 import time
 
 import pytest
@@ -42,6 +45,8 @@ AFTER = 8.0
 # Seconds after the database's return by which every request succeeds.
 RECOVERY_LIMIT = 5.0
 FAILED_STATUSES = {"503", "grpc UNAVAILABLE"}
+# Services that connect to PostgreSQL; cds does not.
+DATABASE_SERVICES = ("auth", "audit", "billing")
 
 
 def test_restart_fails_only_while_down():
@@ -60,16 +65,27 @@ def test_restart_fails_only_while_down():
                 has_interaction,
             ),
             rest_sender(edge, "audit page", "GET", AUDIT_PAGE_PATH, None, key),
+            rest_sender(edge, "usage", "GET", "/v1/billing/usage", None, key),
             grpc_review_sender(edge, org.api_key),
         ]
         pids = {child.name: child.process.pid for child in stack.children}
         recorder = Recorder()
-        auth_address = f"127.0.0.1:{stack.ports['auth']}"
-        with HealthProbe(auth_address, stack.certs_dir) as auth_health:
+        with contextlib.ExitStack() as probes:
+            health = {
+                name: probes.enter_context(
+                    HealthProbe(
+                        f"127.0.0.1:{stack.ports[name]}", stack.certs_dir
+                    )
+                )
+                for name in DATABASE_SERVICES
+            }
             with LoadClients(recorder, senders):
                 time.sleep(STEADY)
                 stopping = time.monotonic()
                 stack.stop_database()
+                # PostgreSQL has exited: no request started from here on
+                # can reach it.
+                stopped = time.monotonic()
                 time.sleep(DOWN)
                 restarting = time.monotonic()
                 stack.start_database()
@@ -99,13 +115,18 @@ def test_restart_fails_only_while_down():
                     kind: latency_ms(
                         [o for o in outcomes if o.kind == kind and o.ok]
                     )
-                    for kind in ("review", "audit page", "grpc review")
+                    for kind in (
+                        "review",
+                        "audit page",
+                        "usage",
+                        "grpc review",
+                    )
                 },
             },
         )
 
         before = [o for o in outcomes if o.finished < stopping]
-        down = recorder.started_between(stopping + 1.0, restarting)
+        down = recorder.started_between(stopped, restarting)
         assert before, "no request finished before the stop"
         assert [] == [o.status for o in before if not o.ok]
         assert down, "no request was sent while the database was down"
@@ -120,9 +141,12 @@ def test_restart_fails_only_while_down():
             for o in outcomes
             if o.started > returned + RECOVERY_LIMIT and not o.ok
         ]
-        not_serving = auth_health.first(NOT_SERVING, after=stopping)
-        assert not_serving is not None
-        assert auth_health.first(SERVING, after=not_serving) is not None
+        for name, probe in health.items():
+            not_serving = probe.first(NOT_SERVING, after=stopping)
+            assert not_serving is not None, f"{name} stayed SERVING"
+            serving = probe.first(SERVING, after=returned)
+            assert serving is not None, f"{name} did not report SERVING"
+            assert serving - returned <= RECOVERY_LIMIT, name
         assert pids == {
             child.name: child.process.pid for child in stack.children
         }

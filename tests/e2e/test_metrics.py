@@ -285,6 +285,24 @@ class TestMetricsServer:
         assert "::1" == config.host
         assert 9464 == config.port
 
+    def test_bracketed_ipv6_service_host(self):
+        """ARXIO_HOST as gRPC writes it, "[::1]", serves metrics on ::1."""
+        config = metrics.MetricsConfig.from_env(
+            Environment({"ARXIO_HOST": "[::1]", "ARXIO_METRICS_PORT": "0"})
+        )
+        server = metrics.start_metrics_server(config)
+        try:
+            port = server.server.server_port
+            with urllib.request.urlopen(
+                f"http://[::1]:{port}/metrics", timeout=5
+            ) as response:
+                status = response.status
+        finally:
+            server.stop()
+
+        assert "::1" == config.host
+        assert 200 == status
+
     def test_serves_rpc_series(self):
         metrics.observe_rpc("/test.v1.Probe/Ping", "unary", "OK", 0.003)
         server = metrics.start_metrics_server(

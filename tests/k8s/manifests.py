@@ -54,6 +54,16 @@ def find(objects, kind: str, name: str) -> dict:
     raise KeyError(f"{kind}/{name} is not in the rendered objects")
 
 
+def find_workload(objects, name: str) -> dict:
+    """Return the Deployment or StatefulSet called `name`."""
+    for kind in ("Deployment", "StatefulSet"):
+        try:
+            return find(objects, kind, name)
+        except KeyError:
+            pass
+    raise KeyError(f"no Deployment or StatefulSet {name} is rendered")
+
+
 def pod_spec(workload: dict) -> dict:
     """Return the pod spec of a Deployment, StatefulSet, Job or CronJob."""
     spec = workload["spec"]

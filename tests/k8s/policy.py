@@ -23,8 +23,9 @@ the container where there is one, and the rule. The rules:
   start once the main containers have exited;
 - a server that calls the model (ARXIO_MODEL_TIMEOUT_SECONDS) gives the
   RPCs in flight at shutdown at least that timeout plus 5 s;
-- Deployments: topology spread over zones and nodes, a
-  PodDisruptionBudget; envoy, auth and cds also a HorizontalPodAutoscaler;
+- Deployments, and StatefulSets that serve gRPC (the audit service):
+  topology spread over zones and nodes, a PodDisruptionBudget; envoy,
+  auth and cds also a HorizontalPodAutoscaler;
 - a Service whose pods serve gRPC names that port `grpc`;
 - a NetworkPolicy of its own besides the namespace's deny-all;
 - Jobs: a backoff limit and a deadline.
@@ -266,6 +267,14 @@ def _selected(item: dict, objects, kind: str) -> list[dict]:
     ]
 
 
+def _serves_grpc(item: dict) -> bool:
+    return any(
+        port.get("name") == "grpc"
+        for container in pod_spec(item).get("containers", [])
+        for port in container.get("ports", [])
+    )
+
+
 def _check_deployment(item: dict, objects) -> list[str]:
     found = []
     name = item["metadata"]["name"]
@@ -363,7 +372,9 @@ def violations(objects) -> list[str]:
             found += _check_probes(item, container)
         found += _check_grace(item)
         found += _check_model_grace(item)
-        if item["kind"] == "Deployment":
+        if item["kind"] == "Deployment" or (
+            item["kind"] == "StatefulSet" and _serves_grpc(item)
+        ):
             found += _check_deployment(item, objects)
 
     return found

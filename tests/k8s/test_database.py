@@ -185,7 +185,10 @@ class TestVerifiedTls:
             mounts = [
                 mount["mountPath"]
                 for mount in container["volumeMounts"]
-                if volumes[mount["name"]].get("secret", {}).get("secretName")
+                # A StatefulSet's claim templates are not pod volumes.
+                if volumes.get(mount["name"], {})
+                .get("secret", {})
+                .get("secretName")
                 == CA_SECRET
             ]
             where = f"{workload['metadata']['name']}/{container['name']}"

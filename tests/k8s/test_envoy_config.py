@@ -9,7 +9,7 @@ from services.common.certs import ensure_certificates
 from services.launcher import envoy_config, k8s_render
 from services.launcher.envoy_config import UPSTREAMS, EdgeSettings, Upstream
 from services.launcher.stack import DESCRIPTOR
-from tests.k8s.manifests import find, pod_spec, rendered
+from tests.k8s.manifests import find, find_workload, pod_spec, rendered
 
 ENVOY = Path(sys.executable).with_name("envoy")
 
@@ -152,9 +152,7 @@ class TestManifestsMatchConfig:
         """Each service listens on the port that Envoy's cluster names."""
         objects = rendered("prod")
         for name, port in k8s_render.SERVICE_PORTS.items():
-            container = pod_spec(find(objects, "Deployment", name))[
-                "containers"
-            ][0]
+            container = pod_spec(find_workload(objects, name))["containers"][0]
             environment = {
                 entry["name"]: entry.get("value") for entry in container["env"]
             }

@@ -98,7 +98,7 @@ BREAKS = [
     (liveness_on_readiness, "Deployment/auth", "depends on PostgreSQL"),
     (short_grace, "Deployment/billing", "termination grace period"),
     (no_limits, "Deployment/cds", "no cpu limits"),
-    (no_budget, "Deployment/audit", "PodDisruptionBudget"),
+    (no_budget, "StatefulSet/audit", "PodDisruptionBudget"),
     (added_capability, "Deployment/envoy", "capabilities add"),
     (no_spread, "Deployment/envoy", "topology spread"),
     (no_part_of, "Deployment/billing", "app.kubernetes.io/part-of"),
