@@ -325,7 +325,10 @@ async def run_model_review(
     served_model = response.model or model
     content = response.message.content or ""
     try:
-        reply = json.loads(content)
+        # strict=False reads control characters inside strings: the local
+        # runtime's grammar lets a raw line feed into them, which strict
+        # JSON rejects. The texts are flattened to one line below.
+        reply = json.loads(content, strict=False)
     except json.JSONDecodeError:
         reason = "model output is not valid JSON"
         if response.done_reason == "length":
@@ -341,7 +344,7 @@ async def run_model_review(
         return _failed(Status.INVALID, served_model, problem, started)
 
     # A small model often repeats itself; each text is kept once.
-    texts = dict.fromkeys(text.strip() for text in reply["recommendations"])
+    texts = dict.fromkeys(_one_line(text) for text in reply["recommendations"])
     recommendations = [
         cds_pb2.Recommendation(text=text, origin=cds_pb2.Recommendation.MODEL)
         for text in texts
@@ -355,10 +358,22 @@ async def run_model_review(
         duration_ms=_elapsed_ms(started),
     )
     review = cds_pb2.ModelReview(
-        status=Status.OK, model=served_model, summary=reply["summary"].strip()
+        status=Status.OK,
+        model=served_model,
+        summary=_one_line(reply["summary"]),
     )
 
     return review, recommendations
+
+
+def _one_line(text: str) -> str:
+    """Return `text` with each run of whitespace, line feeds and other
+    control characters included, as one space."""
+    return " ".join(
+        "".join(
+            " " if ord(c) < 32 or ord(c) == 127 else c for c in text
+        ).split()
+    )
 
 
 def _elapsed_ms(started: float) -> float:

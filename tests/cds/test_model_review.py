@@ -458,6 +458,25 @@ class TestUnavailableServer:
         assert "model server sent a malformed response" == review.reason
 
 
+class TestControlCharacters:
+    def test_line_feed_in_string_accepted(self, fake_ollama):
+        """A raw line feed inside a JSON string, which the local runtime's
+        grammar lets through, gives OK with the text on one line."""
+        fake_ollama.reply_with(
+            '{"summary": "Bleeding\nrisk.", "recommendations": '
+            '["Check\n\tthe INR.", "Check the INR."]}',
+            "stop",
+        )
+
+        review, recommendations = review_with(
+            fake_ollama.host, full_request(), []
+        )
+
+        assert Status.OK == review.status
+        assert "Bleeding risk." == review.summary
+        assert ["Check the INR."] == [r.text for r in recommendations]
+
+
 class TestInvalidOutput:
     @pytest.mark.parametrize(
         ("content", "done_reason", "reason"),
