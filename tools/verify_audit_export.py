@@ -380,10 +380,10 @@ def genuine_index(
 ) -> tuple[int, bool]:
     """Pick the entry that the chain links to among entries with one seq.
 
-    The evidence, strongest first, is: the trusted checkpoint at the seq
-    signs the entry's recomputed hash; an entry of the next seq links to
-    that hash; the entry links to the entry before it, which is always
-    true when `expected_prev` is None; its stored hash recomputes.
+    The evidence, strongest first, is four tests. The trusted checkpoint
+    at the seq signs the entry's recomputed hash. An entry of the next seq
+    links to that hash. The entry links to the entry before it, which is
+    always true when `expected_prev` is None. Its stored hash recomputes.
 
     Returns the index of the entry with the most evidence, the first one
     on a tie, and whether no other entry has as much.

@@ -64,8 +64,8 @@ class Checkpointer:
         self._key = key
         self._trusted_keys = trusted_keys
         self._clock = clock
-        # Without an anchor file the memory lasts only as long as the
-        # process, so a restart forgets every checkpoint seen.
+        # Without an anchor file the remembered checkpoints live only in
+        # this process, so a restart loses them.
         self._anchor_file = anchor_file
         self._anchors: dict[uuid.UUID, Anchor] = (
             anchor_file.read(trusted_keys) if anchor_file else {}
@@ -111,7 +111,7 @@ class Checkpointer:
         """Check an empty anchor file against the database's checkpoints.
 
         Returns True, after logging and counting, when nothing may be
-        signed because the file is empty but the database holds
+        signed because the file is empty but the database contains
         checkpoints, or entries stored `unsigned_age` before the start and
         no checkpoint. With `adopt_database` the database's checkpoints
         are remembered by this run instead.
