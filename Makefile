@@ -142,7 +142,7 @@ bench-hooks:
 
 .PHONY: soak faults-report
 
-## soak: run the suite for 10 minutes at a steady rate and check that no request fails and no process's memory grows 10% after warm-up; update docs/benchmarks.md
+## soak: run the suite at a steady rate for a 5-minute warm-up and 10 measured minutes; check that no request fails and that no service, Envoy, PostgreSQL backend or PostgreSQL as a whole grows its memory 10%; update docs/benchmarks.md
 soak:
 	$(PY) bench/soak.py; status=$$?; $(PY) bench/faults_report.py; exit $$status
 

@@ -58,7 +58,15 @@ that was interrupted, only a "passed" row met every check, and "unknown"
 marks figures written before the tests recorded their result. The
 figures come from the last run of each test (`make test`, or `make soak`
 for the soak) on the machine below; `make faults-report` rewrites this
-section from .run/faults/*.json."""
+section from .run/faults/*.json.
+
+The soak compares each process's memory at the end of its warm-up with
+its memory at the end of the run. PostgreSQL is judged as a whole, the
+private memory of its processes that ran throughout added up, and by
+each client backend. A backend that opened during the run gets a
+warm-up of its own, as long as the run's. The default warm-up, 5
+minutes, is about how long a backend's heap grows to what its largest
+queries need, while its live memory stays flat."""
 
 
 def load_figures(folder: Path) -> list[dict]:

@@ -1,6 +1,6 @@
 """Soak the whole suite at a steady rate and watch every process's memory.
 
-    .venv/bin/python bench/soak.py [--minutes 10] [--warm-up-minutes 2]
+    .venv/bin/python bench/soak.py [--minutes 15] [--warm-up-minutes 5]
         [--rate 40] [--model-every 30] [--no-model]
 
 Starts its own suite on loopback ports (the real model runtime unless
@@ -8,21 +8,30 @@ Starts its own suite on loopback ports (the real model runtime unless
 pages at a steady rate, plus one review with the model every
 --model-every seconds, and samples the memory of every process. It passes
 when no request fails (a model review fails unless its modelReview.status
-is OK), no service returned INTERNAL or UNKNOWN, the ingester stored every
-entry, every child of the suite still runs at the end, and no process's
-memory grew 10% or more between the end of the warm-up and the end of the
-run.
+is OK), no service returned INTERNAL, UNKNOWN or DATA_LOSS, the ingester
+stored every entry, every child of the suite still runs at the end, and
+no judged memory grew 10% or more from the end of its warm-up to the end
+of the run (see judged).
 
 Memory is the resident set size of each child of the suite, and the
 memory in private mappings of each PostgreSQL process. Their shared
 buffer pool is left out: it fills up to `shared_buffers` as the audit
 table grows, which is a bounded cache rather than a leak.
+
+The warm-up lasts 5 minutes because a PostgreSQL backend's private
+memory grows for about that long after the backend starts, then levels
+off. Its live memory, as pg_log_backend_memory_contexts reports it,
+stays flat, but the heap keeps what the largest transient queries freed.
+So a backend that the pool opens during the run gets a warm-up of the
+same length from its own start. The default run then measures 10
+minutes after the warm-up.
 Figures go to .run/faults/soak.json; `make soak` then updates the
 "Faults" section of docs/benchmarks.md. Exits 1 when a check fails.
 """
 
 import argparse
 import json
+import math
 import sys
 import threading
 import time
@@ -44,6 +53,7 @@ from tests.e2e.fault_load import (  # noqa: E402
     guarded,
     has_interaction,
     latency_ms,
+    mark_figures_stale,
     missing_entries,
     rest_sender,
     sample_sum,
@@ -66,6 +76,9 @@ MAX_IN_FLIGHT = 32
 ERROR_CODES = ("INTERNAL", "UNKNOWN", "DATA_LOSS")
 # The failure of a soak whose child processes did not all run to the end.
 NOT_RUNNING = "processes not running at the end"
+# The "test" that the soak's figures name, so that the next run finds
+# them to mark stale.
+SOAK_ID = "bench/soak.py"
 # modelReview.status of a review whose model call succeeded (the
 # ModelReview.Status enum in protos/arxio/cds/v1/cds.proto).
 MODEL_OK = "OK"
@@ -153,52 +166,94 @@ def postgres_role(pid: int) -> str:
     return " ".join(words[1:3])
 
 
+def is_backend(name: str) -> bool:
+    """Tell whether a sampled name is a PostgreSQL client backend."""
+    return name.startswith("postgres ") and "(backend of " in name
+
+
 def judged(name: str) -> bool:
     """Tell whether a process's growth counts toward the verdict.
 
-    PostgreSQL counts as one server: the sum of its processes that ran
-    throughout. A helper process of a few hundred KiB grows by tens of
-    percent when it touches one more page, so each of its processes is
-    reported but not judged alone.
+    PostgreSQL counts as one server, the sum of its processes that ran
+    throughout, and each of its client backends counts on its own. A
+    helper process such as the checkpointer is reported but not judged
+    alone: at a few hundred KiB it grows by tens of percent when it
+    touches one more page.
     """
-    return not name.startswith("postgres ") or name == POSTGRES_TOTAL
+    if name == POSTGRES_TOTAL or is_backend(name):
+        return True
+
+    return not name.startswith("postgres ")
 
 
 def mean(values: list[int]) -> float:
     return sum(values) / len(values)
 
 
+def _figures(before: float, after: float, baseline_sample: int) -> dict:
+    return {
+        "after_warm_up_mib": round(before / 1024, 1),
+        "end_mib": round(after / 1024, 1),
+        "growth": round(after / before - 1, 4) if before else None,
+        "baseline_sample": baseline_sample,
+    }
+
+
 def growth(samples: list[dict[str, int]], warm_up_end: int) -> dict:
-    """Compare each process's memory after the warm-up and at the end.
+    """Compare each process's memory after its warm-up and at the end.
 
-    Only processes that ran throughout are compared: a PostgreSQL backend
-    opened later, when a connection pool grew towards its size under a
-    burst, is a new process, not the growth of one. postgres_connections
-    reports how many there were.
+    A process that ran from the start is measured from `warm_up_end`, the
+    first sample after the warm-up. A PostgreSQL backend that the pool
+    opened later gets a warm-up of the same length from its own first
+    sample, and one opened too late for that is left out: see
+    late_backends. The PostgreSQL total adds up the processes that ran
+    from the warm-up's end to the end of the run.
     """
-    start = samples[warm_up_end : warm_up_end + EDGE_SAMPLES]
     end = samples[-EDGE_SAMPLES:]
-    throughout = set.intersection(*(set(sample) for sample in start + end))
+    at_end = set.intersection(*(set(sample) for sample in end))
+    first_seen: dict[str, int] = {}
+    for index, sample in enumerate(samples):
+        for name in sample:
+            first_seen.setdefault(name, index)
+    start = samples[warm_up_end : warm_up_end + EDGE_SAMPLES]
+    throughout = at_end.intersection(*(set(sample) for sample in start))
     postgres = [name for name in throughout if name.startswith("postgres ")]
-
-    def total(sample: dict[str, int]) -> int:
-        return sum(sample[name] for name in postgres)
-
-    if postgres:
-        for sample in start + end:
-            sample[POSTGRES_TOTAL] = total(sample)
-        throughout.add(POSTGRES_TOTAL)
     result = {}
-    for name in sorted(throughout):
-        before = mean([sample[name] for sample in start])
-        after = mean([sample[name] for sample in end])
-        result[name] = {
-            "after_warm_up_mib": round(before / 1024, 1),
-            "end_mib": round(after / 1024, 1),
-            "growth": round(after / before - 1, 4) if before else None,
-        }
+    if postgres:
+        totals = [
+            sum(sample[name] for name in postgres) for sample in start + end
+        ]
+        result[POSTGRES_TOTAL] = _figures(
+            mean(totals[:EDGE_SAMPLES]),
+            mean(totals[EDGE_SAMPLES:]),
+            warm_up_end,
+        )
+    for name in sorted(at_end):
+        baseline = warm_up_end
+        if is_backend(name):
+            baseline = max(warm_up_end, first_seen[name] + warm_up_end)
+        window = samples[baseline : baseline + EDGE_SAMPLES]
+        if baseline + EDGE_SAMPLES > len(samples) - EDGE_SAMPLES:
+            continue
+        if not all(name in sample for sample in window):
+            continue
+        result[name] = _figures(
+            mean([sample[name] for sample in window]),
+            mean([sample[name] for sample in end]),
+            baseline,
+        )
 
     return result
+
+
+def late_backends(samples: list[dict[str, int]], memory: dict) -> list[str]:
+    """Return the PostgreSQL backends running at the end whose own
+    warm-up had not ended early enough to measure their growth."""
+    running = set(samples[-1])
+
+    return sorted(
+        name for name in running if is_backend(name) and name not in memory
+    )
 
 
 def postgres_connections(
@@ -228,6 +283,9 @@ def memory_notes(memory: dict) -> str:
             continue
         name = max(names, key=lambda n: memory[n]["growth"] or 0.0)
         figures = memory[name]
+        if figures["growth"] is None:
+            parts.append(f"{label} memory not measured ({name})")
+            continue
         parts.append(
             f"largest {label} growth after warm-up {figures['growth']:.1%} "
             f"({name}, {figures['after_warm_up_mib']} to "
@@ -401,7 +459,12 @@ def run(args: argparse.Namespace) -> dict:
         missing = missing_entries(stack, recorder.request_ids())
         errors = service_errors(stack)
         memory = growth(samples, warm_up_end)
+        late = late_backends(samples, memory)
         connections = postgres_connections(samples, warm_up_end)
+        series = {
+            name: [sample.get(name) for sample in samples]
+            for name in sorted(set().union(*samples))
+        }
         processes = {
             "after_warm_up": sorted(samples[warm_up_end]),
             "end": sorted(samples[-1]),
@@ -415,6 +478,12 @@ def run(args: argparse.Namespace) -> dict:
         "no model review sent": int(not args.no_model and not model_reviews),
         "entries lost": len(missing),
         "service errors": int(sum(errors.values())),
+        # A baseline of 0 KiB means that the memory could not be read.
+        "memory not measured": sum(
+            figures["growth"] is None
+            for name, figures in memory.items()
+            if judged(name)
+        ),
         "memory growth over 10%": sum(
             (figures["growth"] or 0.0) >= MAX_GROWTH
             for name, figures in memory.items()
@@ -427,6 +496,7 @@ def run(args: argparse.Namespace) -> dict:
     passed = verdict == "passed"
 
     return {
+        "test": SOAK_ID,
         "summary": f"{args.minutes:g} minutes at {args.rate:g} requests a "
         f"second, {args.warm_up_minutes:g} of them warm-up",
         "requests_sent": len(outcomes),
@@ -437,15 +507,22 @@ def run(args: argparse.Namespace) -> dict:
             f"{verdict}; achieved {len(outcomes) / elapsed:.1f} requests a "
             f"second; {memory_notes(memory)}; PostgreSQL connections "
             f"{connections['after_warm_up']} after warm-up, "
-            f"{connections['end']} at the end; INTERNAL or UNKNOWN responses "
-            f"{int(sum(errors.values()))}"
+            f"{connections['end']} at the end, {len(late)} of them opened "
+            "too late for a warm-up of their own; INTERNAL, UNKNOWN or "
+            f"DATA_LOSS responses {int(sum(errors.values()))}"
         ),
         "passed": passed,
         "failures": failures,
         "processes_not_running": stopped,
         "failed_examples": [(o.kind, o.status, o.detail) for o in failed[:10]],
         "memory": memory,
+        "postgres_backends_not_judged": late,
         "postgres_connections": connections,
+        # KiB of each process at each sample, None where it was not running.
+        "memory_series": {
+            "sample_seconds": args.sample_seconds,
+            "kib": series,
+        },
         "processes": processes,
         "latency": {
             kind: latency_ms([o for o in outcomes if o.kind == kind])
@@ -454,15 +531,16 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
-def main() -> int:
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line, exiting with status 2 on an invalid value."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--minutes", type=float, default=10.0, help="run length in minutes"
+        "--minutes", type=float, default=15.0, help="run length in minutes"
     )
     parser.add_argument(
         "--warm-up-minutes",
         type=float,
-        default=2.0,
+        default=5.0,
         help="minutes of load before the memory baseline",
     )
     parser.add_argument(
@@ -488,9 +566,40 @@ def main() -> int:
         action="store_true",
         help="run without the model runtime (rules-only reviews)",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for option in ("minutes", "rate", "model_every", "sample_seconds"):
+        value = getattr(args, option)
+        if not math.isfinite(value) or value <= 0:
+            flag = "--" + option.replace("_", "-")
+            parser.error(f"{flag} must be a number above 0, got {value:g}")
+    if not math.isfinite(args.warm_up_minutes) or args.warm_up_minutes < 0:
+        parser.error(
+            "--warm-up-minutes must be a number of at least 0, got "
+            f"{args.warm_up_minutes:g}"
+        )
     if args.warm_up_minutes >= args.minutes:
         parser.error("--warm-up-minutes must be shorter than --minutes")
+    # growth() averages EDGE_SAMPLES samples at each end of the measured
+    # span. When the span contains fewer than twice that many, the two ends
+    # share samples and a growing process is compared with itself. One
+    # interval more covers the time that taking each sample adds.
+    measured_seconds = (args.minutes - args.warm_up_minutes) * 60
+    shortest = (2 * EDGE_SAMPLES + 1) * args.sample_seconds
+    if measured_seconds < shortest:
+        parser.error(
+            f"the {measured_seconds:g} s after the warm-up contain too few "
+            f"memory samples: lengthen --minutes so that at least "
+            f"{shortest:g} s follow the warm-up, or lower --sample-seconds"
+        )
+
+    return args
+
+
+def main() -> int:
+    args = parse_arguments()
+    # A soak that crashes or is interrupted then leaves the last run's
+    # figures marked failed instead of passed.
+    mark_figures_stale(SOAK_ID)
     figures = run(args)
     path = write_figures("soak", figures)
     print(json.dumps(figures, indent=2))

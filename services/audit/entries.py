@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from google.rpc import code_pb2
 
 from services.common import methods
+from services.common.edge_replies import LOCAL_REPLY_CODES
 from services.common.errors import HTTP_STATUS_OF_CODE
-from services.launcher.envoy_config import LOCAL_REPLY_CODES
 
 # Action of requests that matched no API method.
 UNROUTED_ACTION = "edge.unrouted"

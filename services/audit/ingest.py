@@ -575,9 +575,19 @@ class AuditIngester:
     def _store_failed(
         self, error: BaseException, attempt: int, **fields
     ) -> float:
-        """Count and log a failed store; return the seconds to wait."""
+        """Count and log a failed store; return the seconds to wait.
+
+        A database error is logged with its SQLSTATE and the constraint it
+        broke, never its detail, which may quote the row.
+        """
         wait = RETRY_WAITS[min(attempt - 1, len(RETRY_WAITS) - 1)]
         metrics.AUDIT_INGEST_FAILURES.inc()
+        diagnostic = getattr(getattr(error, "orig", None), "diag", None)
+        if diagnostic is not None:
+            fields |= {
+                "sqlstate": diagnostic.sqlstate,
+                "constraint": diagnostic.constraint_name,
+            }
         log.error(
             "audit.store_failed",
             error=type(error).__name__,

@@ -24,6 +24,7 @@ from services.auth.decision import (
 )
 from services.auth.quota import QuotaUnavailable
 from services.common import metrics
+from services.common.edge_replies import AUTH_UNAVAILABLE_MESSAGE
 from services.common.logging import bind_rpc_fields
 
 log = structlog.get_logger()
@@ -136,7 +137,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             decision = Decision(
                 False,
                 grpc.StatusCode.UNAVAILABLE,
-                "authorization is unavailable: retry shortly",
+                AUTH_UNAVAILABLE_MESSAGE,
             )
         metrics.AUTH_DECISIONS.labels(decision.code.name).inc()
         # The server's one line for this RPC carries these fields.

@@ -36,6 +36,10 @@ from services.auth.ehr_tokens import (
 from services.auth.quota import QuotaCounter
 from services.auth.store import AuthStore, Credential, IPNetwork
 from services.common import methods, metrics, strict_body
+from services.common.edge_replies import (
+    LOCAL_REPLY_MESSAGES,
+    MAX_REQUEST_BYTES,
+)
 from services.common.errors import (
     HTTP_STATUS_OF_CODE,
     FieldViolation,
@@ -50,10 +54,6 @@ from services.common.identity import (
     SCOPES_HEADER,
 )
 from services.common.plans import plan_limits
-from services.launcher.envoy_config import (
-    LOCAL_REPLY_MESSAGES,
-    MAX_REQUEST_BYTES,
-)
 
 log = structlog.get_logger()
 

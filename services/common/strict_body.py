@@ -27,6 +27,7 @@ from google.protobuf import (
 )
 from google.protobuf.message import DecodeError
 
+from services.common.edge_replies import MAX_REQUEST_BYTES
 from services.common.errors import FieldViolation
 
 FieldDescriptor = descriptor.FieldDescriptor
@@ -71,10 +72,9 @@ _RAW_BODY_TYPE = "google.api.HttpBody"
 _MAX_NAME_IN_MESSAGE = 64
 # Bodies nested deeper than any message type are rejected as such.
 _MAX_DEPTH = 32
-# Largest request message, decompressed, that the edge lets through: the
-# body limit of envoy/envoy.yaml.tmpl (MAX_REQUEST_BYTES in
-# services/launcher/envoy_config.py), applied again after decompression.
-MAX_MESSAGE_BYTES = 64 * 1024
+# Largest request message, decompressed, that the edge lets through: its
+# body limit, applied again after decompression.
+MAX_MESSAGE_BYTES = MAX_REQUEST_BYTES
 # Maximum number of items of any list in a request. The longest lists the
 # API documents (medications, conditions, allergies, IP allowlist ranges)
 # allow 100, and the services check their own limits too.

@@ -1,4 +1,5 @@
-"""The audit ingester's stop: after SIGTERM it stores the file to its end.
+"""How the audit ingester stops, storing the file to its end after
+SIGTERM, and what it logs when PostgreSQL rejects a batch.
 
 Each test runs `python -m services.audit.ingest` as the pod runs it, against
 an embedded PostgreSQL, and stops it with SIGTERM as the kubelet does.
@@ -28,7 +29,7 @@ LATE_LINES = 50
 STOP_TIMEOUT = 120.0
 
 
-def access_lines(count: int) -> bytes:
+def access_lines(count: int, status: str = "401") -> bytes:
     lines = []
     for _ in range(count):
         request_id = str(uuid.uuid4())
@@ -38,7 +39,7 @@ def access_lines(count: int) -> bytes:
             "reply_request_id": request_id,
             "method": "GET",
             "route": "-",
-            "status": "401",
+            "status": status,
         }
         lines.append(json.dumps(line).encode() + b"\n")
 
@@ -165,3 +166,40 @@ class TestDrain:
             if entry.get("event") == "audit.drain_timed_out"
         ]
         assert timed_out["bytes_behind"] > 0
+
+
+class TestStoreFailure:
+    def test_rejected_batch_logged_with_constraint(self, database, tmp_path):
+        database_url, admin_url = database
+        log_file = tmp_path / "access.log"
+        # Only this test's lines carry 418, so the constraint below
+        # rejects no other test's rows.
+        log_file.write_bytes(access_lines(5, status="418"))
+        output = tmp_path / "ingester.log"
+        with psycopg.connect(admin_url, autocommit=True) as connection:
+            connection.execute(
+                "ALTER TABLE audit.events ADD CONSTRAINT reject_418"
+                " CHECK (status_code <> 418)"
+            )
+        process = start_ingester(database_url, log_file, output)
+        try:
+            wait_for_event(process, output, "audit.store_failed", 60)
+        finally:
+            process.kill()
+            process.wait(STOP_TIMEOUT)
+            with psycopg.connect(admin_url, autocommit=True) as connection:
+                connection.execute(
+                    "ALTER TABLE audit.events DROP CONSTRAINT reject_418"
+                )
+
+        [failed, *_] = [
+            entry
+            for entry in events(output)
+            if entry.get("event") == "audit.store_failed"
+        ]
+        assert "IntegrityError" == failed["error"]
+        # check_violation
+        assert "23514" == failed["sqlstate"]
+        assert "reject_418" == failed["constraint"]
+        # PostgreSQL's detail, which quotes the row, stays out.
+        assert "Failing row" not in output.read_text()
