@@ -50,7 +50,7 @@ run:
 test:
 	$(VENV)/bin/pytest
 
-## test-unit: run the tests that start no server
+## test-unit: run the tests that do not start the whole suite (not marked e2e)
 test-unit:
 	$(VENV)/bin/pytest -m 'not e2e'
 
