@@ -194,7 +194,17 @@ def _verify_export(args) -> dict:
         "checkpointsChecked": result.checkpoints_checked,
         "firstSeq": result.first_seq,
         "lastSeq": result.last_seq,
-        "problems": [problem.__dict__ for problem in result.problems],
+        # The same keys as the standalone verifier and the API's
+        # AuditVerification.Problem in JSON.
+        "problems": [
+            {
+                "kind": problem.kind,
+                "seq": problem.seq,
+                "eventId": problem.event_id,
+                "message": problem.message,
+            }
+            for problem in result.problems
+        ],
         "unsignedEntries": result.unsigned_entries,
         "retentionMonths": result.retention_months,
     }

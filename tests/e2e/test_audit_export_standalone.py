@@ -89,3 +89,5 @@ def test_real_export_agrees_with_cli(stack, edge, new_org, tmp_path):
     assert ("altered", entry["seq"]) == (problem["kind"], problem["seq"])
     assert expected_problem["kind"] == problem["kind"]
     assert expected_problem["seq"] == problem["seq"]
+    assert set(expected_problem) == set(problem)
+    assert expected_problem["eventId"] == problem["eventId"]
