@@ -45,7 +45,6 @@ from services.launcher.processes import ChildProcess  # noqa: E402
 from tests.e2e.fault_load import (  # noqa: E402
     AUDIT_PAGE_PATH,
     REVIEW_PATH,
-    RULES_ONLY,
     RUN_ROOT,
     WITH_MODEL,
     Recorder,
@@ -56,6 +55,7 @@ from tests.e2e.fault_load import (  # noqa: E402
     mark_figures_stale,
     missing_entries,
     rest_sender,
+    review_sender,
     sample_sum,
     scrape,
     write_figures,
@@ -232,9 +232,9 @@ def growth(samples: list[dict[str, int]], warm_up_end: int) -> dict:
         baseline = warm_up_end
         if is_backend(name):
             baseline = max(warm_up_end, first_seen[name] + warm_up_end)
-        window = samples[baseline : baseline + EDGE_SAMPLES]
         if baseline + EDGE_SAMPLES > len(samples) - EDGE_SAMPLES:
             continue
+        window = samples[baseline : baseline + EDGE_SAMPLES]
         if not all(name in sample for sample in window):
             continue
         result[name] = _figures(
@@ -262,7 +262,7 @@ def postgres_connections(
     """Count PostgreSQL's client backends after the warm-up and at the end."""
 
     def count(sample: dict[str, int]) -> int:
-        return sum("(backend of " in name for name in sample)
+        return sum(is_backend(name) for name in sample)
 
     return {
         "after_warm_up": count(samples[warm_up_end]),
@@ -385,18 +385,7 @@ def run(args: argparse.Namespace) -> dict:
         senders = [
             guarded(sender, kind)
             for sender, kind in (
-                (
-                    rest_sender(
-                        edge,
-                        "review",
-                        "POST",
-                        REVIEW_PATH,
-                        RULES_ONLY,
-                        key,
-                        has_interaction,
-                    ),
-                    "review",
-                ),
+                (review_sender(edge, key), "review"),
                 (grpc_review_sender(edge, org.api_key), "grpc review"),
                 (
                     rest_sender(

@@ -209,6 +209,20 @@ def rest_sender(
     return send
 
 
+def review_sender(edge: EdgeClient, headers: dict[str, str]) -> Send:
+    """Return a sender of the rules-only review over REST, which passes
+    only when its findings include the interaction."""
+    return rest_sender(
+        edge,
+        "review",
+        "POST",
+        REVIEW_PATH,
+        RULES_ONLY,
+        headers,
+        has_interaction,
+    )
+
+
 def grpc_review_request(model_review: bool) -> cds_pb2.ClinicalReviewRequest:
     """Return the gRPC review of warfarin with ibuprofen, an interaction."""
     return cds_pb2.ClinicalReviewRequest(

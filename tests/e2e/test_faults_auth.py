@@ -21,9 +21,9 @@ from tests.e2e.fault_load import (
     LoadClients,
     Recorder,
     grpc_review_sender,
-    has_interaction,
     missing_entries,
     rest_sender,
+    review_sender,
     service_rpcs,
     write_figures,
 )
@@ -63,15 +63,7 @@ def test_killed_auth_lets_nothing_through():
         org = Organization(stack, "enterprise")
         key = {"x-api-key": org.api_key}
         senders = [
-            rest_sender(
-                edge,
-                "review",
-                "POST",
-                REVIEW_PATH,
-                RULES_ONLY,
-                key,
-                has_interaction,
-            ),
+            review_sender(edge, key),
             rest_sender(
                 edge,
                 "review without key",

@@ -18,16 +18,14 @@ from grpc_health.v1 import health_pb2
 
 from tests.e2e.fault_load import (
     AUDIT_PAGE_PATH,
-    REVIEW_PATH,
-    RULES_ONLY,
     HealthProbe,
     LoadClients,
     Recorder,
     grpc_review_sender,
-    has_interaction,
     latency_ms,
     missing_entries,
     rest_sender,
+    review_sender,
     write_figures,
 )
 from tests.edge import EdgeClient
@@ -55,15 +53,7 @@ def test_restart_fails_only_while_down():
         org = Organization(stack, "enterprise")
         key = {"x-api-key": org.api_key}
         senders = [
-            rest_sender(
-                edge,
-                "review",
-                "POST",
-                REVIEW_PATH,
-                RULES_ONLY,
-                key,
-                has_interaction,
-            ),
+            review_sender(edge, key),
             rest_sender(edge, "audit page", "GET", AUDIT_PAGE_PATH, None, key),
             rest_sender(edge, "usage", "GET", "/v1/billing/usage", None, key),
             grpc_review_sender(edge, org.api_key),

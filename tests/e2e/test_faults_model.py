@@ -21,7 +21,6 @@ from services.cds.model_presence import MODEL_HEALTH_NAME
 from tests.e2e.fault_load import (
     AUDIT_PAGE_PATH,
     REVIEW_PATH,
-    RULES_ONLY,
     RUN_ROOT,
     WITH_MODEL,
     HealthProbe,
@@ -31,6 +30,7 @@ from tests.e2e.fault_load import (
     latency_ms,
     missing_entries,
     rest_sender,
+    review_sender,
     sample_sum,
     scrape,
     write_figures,
@@ -114,15 +114,7 @@ def test_stalled_and_killed_model():
         key = {"x-api-key": org.api_key}
         model = stack.child("model")
         rules_senders = [
-            rest_sender(
-                edge,
-                "review",
-                "POST",
-                REVIEW_PATH,
-                RULES_ONLY,
-                key,
-                has_interaction,
-            ),
+            review_sender(edge, key),
             rest_sender(edge, "audit page", "GET", AUDIT_PAGE_PATH, None, key),
         ]
         model_senders = [
